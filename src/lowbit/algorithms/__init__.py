@@ -1,0 +1,1 @@
+"""Calibration algorithms (pure maths) and the layer-by-layer driver."""

@@ -1,0 +1,241 @@
+"""Layer-by-layer quantization straight from a checkpoint's safetensors files.
+
+1. Build the model on the meta device; give real storage only to what lies outside the decoder layers.
+2. Run the calibration batches up to the first decoder layer and keep its inputs (hidden states and the
+   keyword arguments the model passes: rotary embeddings, masks, positions).
+3. For each decoder layer: load it, quantize and calibrate it on its inputs, write it out, and replace its
+   inputs by its quantized outputs, which become the next layer's inputs. Peak memory is one layer plus
+   the calibration activations, whatever the depth of the model.
+
+Resuming replays the finished layers from OUTPUT.partial (forward only) to rebuild the activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit import __version__
+from lowbit.checkpoint.load import load_quantizer_stats
+from lowbit.checkpoint.store import CheckpointWriter
+from lowbit.errors import LowbitError
+from lowbit.models.families import family
+from lowbit.models.loading import (
+    SafetensorsReader,
+    build_meta_model,
+    free_memory_bytes,
+    load_config,
+    load_config_json,
+    materialize,
+    model_files_for_copy,
+    resolve_model,
+)
+from lowbit.quant.convert import calibrate_max, check_calibrated, convert, quant_linears
+from lowbit.quant.kv import use_kv_attention
+from lowbit.quant.quantizer import Quantizer
+from lowbit.quant.recipe import Recipe, algorithm_to_run, spec_from_dict, spec_to_dict
+
+log = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0: records its inputs and stops the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[tuple[Tensor, dict[str, Any]]] = []
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise LowbitError("decoder layers called with positional arguments beyond hidden_states are not supported")
+        self.inputs.append((hidden_states, kwargs))
+        raise _Captured
+
+
+@dataclass
+class LayerwiseResult:
+    output: Path
+    algorithm: str
+    seconds: float
+    modules: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(model_dir: Path, recipe: Recipe, calib: Tensor) -> dict[str, Any]:
+    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
+    return {"model": str(model_dir.resolve()), "recipe": recipe.to_dict(), "calib_sha256": digest,
+            "calib_shape": list(calib.shape)}
+
+
+def auto_batch_size(n_samples: int, seq_len: int, hidden: int, intermediate: int, device: torch.device) -> int:
+    """Largest batch whose layer-forward temporaries fit in a quarter of free memory (at most 64)."""
+    per_sample = seq_len * (8 * hidden + 3 * intermediate) * 4
+    fit = int(free_memory_bytes(device) * 0.25 // max(per_sample, 1))
+    return max(1, min(64, n_samples, fit))
+
+
+def quantize_checkpoint(
+    model: str | Path,
+    recipe: Recipe,
+    output: Path,
+    calib: Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> LayerwiseResult:
+    """Quantize the checkpoint at `model` with `recipe`, calibrating on `calib` (n, seq_len) token ids."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    model_dir = resolve_model(str(model))
+    config = load_config(model_dir)
+    fam = family(config.model_type)
+    reader = SafetensorsReader(model_dir)
+    if int(calib.max()) >= config.vocab_size:
+        raise LowbitError(f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
+                          "the tokenizer does not match the model")
+    algorithm = algorithm_to_run(recipe.algorithm)
+    if algorithm != recipe.algorithm:
+        log.warning("recipe %s asks for %s, which lowbit does not implement yet: calibrating with %s",
+                    recipe.name, recipe.algorithm, algorithm)
+    writer = CheckpointWriter(output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite)
+
+    meta = build_meta_model(config)
+    if recipe.kv_cache is not None:
+        use_kv_attention(meta.config)
+    layers = meta.get_submodule(fam.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise LowbitError(f"{fam.layers} of {config.model_type} is not a layer list; lowbit's facts for it are wrong")
+    materialize(meta, reader, "", meta, device, compute_dtype, skip=[fam.layers])
+    shell_specs = convert(meta, recipe.with_exclude([f"{fam.layers}.*"]))
+    if shell_specs:
+        raise LowbitError(f"modules outside the decoder layers matched the recipe ({next(iter(shell_specs))}); "
+                          "lowbit quantizes decoder layers only: --exclude them")
+    bs = batch_size or auto_batch_size(len(calib), calib.shape[1], config.hidden_size,
+                                       getattr(config, "intermediate_size", 4 * config.hidden_size), device)
+    states = _capture_inputs(meta, layers, calib, bs, device)
+    log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], fam.layers)
+    if writer.layers_done == 0:
+        writer.write_shell({k: v for k, v in meta.state_dict().items() if not k.startswith(fam.layers + ".")})
+
+    modules: dict[str, Any] = {}
+    done = writer.layers_done
+    bar = tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress)
+    for i in bar:
+        prefix = f"{fam.layers}.{i}"
+        layer = layers[i]
+        orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+        if i < done:
+            bar.set_postfix_str(f"replaying {prefix}")
+            weights, stats = writer.read_layer(i)
+            specs = _replay_layer(layer, prefix, weights, stats, writer.fingerprint, device, compute_dtype)
+        else:
+            bar.set_postfix_str(f"calibrating {prefix}")
+            materialize(layer, reader, prefix, meta, device, compute_dtype)
+            specs = convert(layer, recipe, prefix)
+            _check_activations(states, prefix, "inputs")
+            calibrate_max(layer, _loop_over(states) if _needs_data(layer) else None, prefix)
+        modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
+        _advance(layer, states)
+        if i >= done:
+            weights = {f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in layer.state_dict().items() if "_quantizer." not in k}
+            stats = {f"{prefix}.{k}": v for k, v in layer.state_dict().items() if "_quantizer." in k}
+            writer.write_layer(i, weights, stats)
+        layer.to("meta")
+    bar.close()
+
+    manifest = {
+        "lowbit_version": __version__,
+        "source_model": str(model_dir),
+        "model_type": config.model_type,
+        "recipe": recipe.to_dict(),
+        "algorithm_requested": recipe.algorithm,
+        "algorithm": algorithm,
+        "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                        "sha256": writer.fingerprint["calib_sha256"]},
+        "layers": fam.layers,
+        "num_layers": len(layers),
+        "modules": modules,
+    }
+    out = writer.finish(manifest, load_config_json(model_dir), model_files_for_copy(model_dir))
+    return LayerwiseResult(out, algorithm, time.perf_counter() - start, modules)
+
+
+@torch.no_grad()
+def _capture_inputs(meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device) -> list[tuple[Tensor, dict[str, Any]]]:
+    catcher = _Catcher()
+    first = layers[0]
+    layers[0] = catcher
+    try:
+        for batch in calib.split(bs):
+            try:
+                meta(input_ids=batch.to(device), use_cache=False)
+            except _Captured:
+                pass
+            else:
+                raise LowbitError("the model never called its first decoder layer; its structure is not supported")
+    finally:
+        layers[0] = first
+    return catcher.inputs
+
+
+def _loop_over(states: list[tuple[Tensor, dict[str, Any]]]) -> Callable[[nn.Module], None]:
+    def loop(layer: nn.Module) -> None:
+        for hidden, kwargs in states:
+            layer(hidden, **kwargs)
+
+    return loop
+
+
+def _needs_data(layer: nn.Module) -> bool:
+    """Whether any activation quantizer keeps static statistics (dynamic-only formats need no data)."""
+    return any(
+        isinstance(m, Quantizer) and (m.needs_block_amax or m.fmt.global_scale) and "weight_quantizer" not in n
+        for n, m in layer.named_modules()
+    )
+
+
+@torch.no_grad()
+def _advance(layer: nn.Module, states: list[tuple[Tensor, dict[str, Any]]]) -> None:
+    """Replace each batch's hidden states by the quantized layer's output."""
+    for j, (hidden, kwargs) in enumerate(states):
+        out = layer(hidden, **kwargs)
+        states[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
+
+
+def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str, what: str) -> None:
+    for hidden, _ in states:
+        if not torch.isfinite(hidden).all():
+            raise LowbitError(f"{prefix}: NaN or Inf in its {what} during calibration; the model overflows "
+                              "in this dtype or its weights are damaged: check the checkpoint")
+
+
+def _replay_layer(layer: nn.Module, prefix: str, weights: dict[str, Tensor], stats: dict[str, Tensor],
+                  fp: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    layer.to_empty(device=device)
+    layer.load_state_dict({k[len(prefix) + 1 :]: v for k, v in weights.items()}, strict=False)
+    layer.to(dtype)
+    from lowbit.quant.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(fp["recipe"])
+    specs = convert(layer, recipe, prefix)
+    load_quantizer_stats(layer, stats, prefix)
+    for _, linear in quant_linears(layer):
+        linear._cache = None
+    check_calibrated(layer, prefix)
+    return {name: spec_from_dict(spec_to_dict(s)) for name, s in specs.items()}

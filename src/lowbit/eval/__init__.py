@@ -1,0 +1,1 @@
+"""Perplexity, KL divergence from the base model, top-1 agreement, per-layer errors."""

@@ -1,0 +1,81 @@
+"""Per-module report of a quantized model: formats, scale ranges, weight SQNR, packed size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.formats.packing import pack, packed_nbytes
+from lowbit.formats.scaled import quantize, scale_from_amax, sqnr_db, global_scale_from_amax
+from lowbit.quant.convert import all_quantizers, quant_linears
+from lowbit.quant.linear import QuantLinear
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    weight: str
+    input: str
+    scale_min: float
+    scale_max: float
+    sqnr_db: float
+    packed_bytes: int
+    numel: int
+
+
+@torch.no_grad()
+def weight_scales(linear: QuantLinear) -> torch.Tensor:
+    q = linear.weight_quantizer.quantizers()[0]
+    g = global_scale_from_amax(q.global_amax) if q.global_amax is not None else None
+    assert q.amax is not None
+    return scale_from_amax(q.amax, q.fmt, g) * (1 if g is None else g)
+
+
+@torch.no_grad()
+def packed_weight_bytes(linear: QuantLinear) -> int:
+    """Bytes of the weight stored packed in its (first) format: codes + scales."""
+    q = linear.weight_quantizer.quantizers()[0]
+    return packed_nbytes(pack(quantize(linear.weight, q.fmt, q.amax, q.global_amax, q.amin)))
+
+
+@torch.no_grad()
+def report(model: nn.Module) -> list[ModuleReport]:
+    rows = []
+    for name, linear in quant_linears(model):
+        s = weight_scales(linear)
+        rows.append(ModuleReport(
+            name=name,
+            weight="+".join(f.name for f in linear.spec.weight),
+            input=linear.spec.input.name if linear.spec.input else "-",
+            scale_min=float(s.min()), scale_max=float(s.max()),
+            sqnr_db=sqnr_db(linear.weight, linear.quantized_weight()),
+            packed_bytes=packed_weight_bytes(linear),
+            numel=linear.weight.numel(),
+        ))
+    return rows
+
+
+def kv_quantizers(model: nn.Module) -> list[tuple[str, str, float]]:
+    """(name, format, amax) of each K/V cache quantizer."""
+    return [(n, q.fmt.name, float(q.amax if q.amax is not None else q.global_amax or 0))
+            for n, q in all_quantizers(model) if n.endswith(("k_quantizer", "v_quantizer"))]
+
+
+def model_size_bytes(model: nn.Module) -> tuple[int, int]:
+    """(packed bytes, weights in quantized linears): quantized weights packed, every other tensor as stored."""
+    quantized = dict(quant_linears(model))
+    total, qnumel = 0, 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        owner = name.rpartition(".")[0]
+        if name.endswith(".weight") and owner in quantized:
+            total += packed_weight_bytes(quantized[owner])
+            qnumel += p.numel()
+        else:
+            total += p.numel() * 2  # bf16 in an exported checkpoint
+    return total, qnumel

@@ -1,0 +1,210 @@
+"""Finding checkpoints, reading their safetensors tensor by tensor, and materializing meta modules.
+
+Layer-by-layer work builds the model on the meta device (no memory), then gives real storage to one
+module at a time and fills it from the checkpoint files. Files are opened per read and closed again, so
+their memory maps never accumulate in the resident set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from lowbit.errors import LowbitError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(model: str) -> Path:
+    """A local model directory for `model`: a path, or a hub id fetched where the hub is reachable."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LowbitError(f"{model}: no config.json in this directory; pass a Hugging Face model directory")
+        return path
+    if path.exists():
+        raise LowbitError(f"{model}: is a file, not a model directory; pass the directory with config.json")
+    if not HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise LowbitError(f"model path {model!r} does not exist; check the path or pass a hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated: all mean "cannot get it from here"
+        raise LowbitError(
+            f"cannot fetch hub id {model!r} ({type(e).__name__}); download it on a machine with hub access "
+            "and pass the local directory"
+        ) from None
+    return Path(local)
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except ValueError as e:
+        raise LowbitError(f"{model_dir}: transformers does not know this architecture ({str(e).splitlines()[0]})") from None
+
+
+class SafetensorsReader:
+    """Tensor name -> file map over a checkpoint's safetensors files (single file or sharded index)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = model_dir
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            if not files:
+                raise LowbitError(f"{model_dir}: no .safetensors files; lowbit reads safetensors checkpoints only")
+        self.file_of: dict[str, str] = {}
+        for name in files:
+            for key in self._keys(model_dir / name):
+                self.file_of[key] = name
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        if not path.is_file():
+            raise LowbitError(f"{path}: listed in the checkpoint index but missing; re-download the checkpoint")
+        try:
+            with safe_open(path, "pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise LowbitError(f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint") from None
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.file_of if n.startswith(prefix)]
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.file_of:
+                raise KeyError(n)
+            by_file.setdefault(self.file_of[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            path = self.dir / file
+            try:
+                with safe_open(path, "pt") as f:
+                    for k in keys:
+                        out[k] = f.get_tensor(k).clone()  # own the memory: the map closes with the file
+            except Exception as e:
+                raise LowbitError(f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint") from None
+        return out
+
+
+def build_meta_model(config: PretrainedConfig) -> nn.Module:
+    """The full model on the meta device: structure and names, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config))
+        except ValueError as e:
+            raise LowbitError(f"cannot build a causal LM for model type {config.model_type!r}: {str(e).splitlines()[0]}") from None
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def materialize(
+    module: nn.Module,
+    reader: SafetensorsReader,
+    prefix: str,
+    model: nn.Module,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    skip: Iterable[str] = (),
+) -> None:
+    """Give a meta `module` (named `prefix` in `model`) real storage on `device` and load its tensors.
+
+    Non-persistent buffers (rotary frequencies) are recomputed by the model's own initializer. Tensors
+    missing from the checkpoint are an error except tied weights. `skip` names children left on meta.
+    """
+    skipped = {name: module.get_submodule(name) for name in skip}
+    for name in skipped:
+        _replace(module, name, nn.Module())
+    module.to_empty(device=device)
+    init = getattr(model, "_init_weights", None)
+    for sub in module.modules():
+        if sub._non_persistent_buffers_set and init is not None:
+            init(sub)
+    state = dict(module.state_dict())
+    names = {f"{prefix}.{k}" if prefix else k: k for k in state}
+    present = [n for n in names if n in reader.file_of]
+    tensors = reader.read(present)
+    missing = [names[n] for n in names if n not in reader.file_of]
+    tied = _tied_names(model, prefix)
+    if any(m not in tied for m in missing):
+        bad = next(m for m in missing if m not in tied)
+        raise LowbitError(
+            f"{reader.dir}: tensor {prefix + '.' if prefix else ''}{bad} is missing from the checkpoint; "
+            "the checkpoint does not match its config.json"
+        )
+    for full, tensor in tensors.items():
+        target = state[names[full]]
+        if target.shape != tensor.shape:
+            raise LowbitError(f"{reader.dir}: {full} has shape {tuple(tensor.shape)}, config expects {tuple(target.shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LowbitError(f"{reader.dir}: {full} holds NaN or Inf; the checkpoint is damaged: re-download or retrain it")
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
+    if dtype is not None:
+        module.to(dtype)
+    for name, sub in skipped.items():
+        _replace(module, name, sub)
+
+
+def _tied_names(model: nn.Module, prefix: str) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or getattr(model, "all_tied_weights_keys", None) or {}
+    keys = tied.keys() if isinstance(tied, dict) else tied
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {k[len(prefix) + 1 :] if prefix and k.startswith(prefix + ".") else k for k in keys}
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def env_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LowbitError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise LowbitError(f"unknown --device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def model_files_for_copy(model_dir: Path) -> list[Path]:
+    """Tokenizer and generation files that travel with a checkpoint."""
+    wanted = ("tokenizer", "special_tokens_map", "generation_config", "vocab", "merges", "chat_template", "preprocessor")
+    return [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.name.startswith(wanted) and p.suffix != ".safetensors"]
+
+
+def load_config_json(model_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((model_dir / "config.json").read_text()))
