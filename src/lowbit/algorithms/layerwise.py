@@ -39,7 +39,7 @@ from lowbit.models.loading import (
     model_files_for_copy,
     resolve_model,
 )
-from lowbit.quant.convert import calibrate_max, check_calibrated, convert, quant_linears
+from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan, quant_linears
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.quantizer import Quantizer
 from lowbit.quant.recipe import Recipe, algorithm_to_run, spec_from_dict, spec_to_dict
@@ -104,7 +104,7 @@ def quantize_checkpoint(
     device = torch.device(device)
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
-    fam = family(config.model_type)
+    layers_path = family(config.model_type).layers
     reader = SafetensorsReader(model_dir)
     if int(calib.max()) >= config.vocab_size:
         raise LowbitError(f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
@@ -113,31 +113,42 @@ def quantize_checkpoint(
     if algorithm != recipe.algorithm:
         log.warning("recipe %s asks for %s, which lowbit does not implement yet: calibrating with %s",
                     recipe.name, recipe.algorithm, algorithm)
-    writer = CheckpointWriter(output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite)
-
     meta = build_meta_model(config)
+    layers = meta.get_submodule(layers_path)
+    if not isinstance(layers, nn.ModuleList):
+        raise LowbitError(f"{layers_path} of {config.model_type} is not a layer list; lowbit's facts for it are wrong")
+    outside = [n for n in plan(meta, recipe) if not n.startswith(layers_path + ".")]  # also checks every shape
+    if outside:
+        raise LowbitError(f"{outside[0]} lies outside the decoder layers, which lowbit quantizes one at a time; "
+                          f"--exclude '{outside[0]}'")
+    writer = CheckpointWriter(output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite)
+    try:
+        return _run(meta, layers, layers_path, model_dir, config, reader, recipe, algorithm, writer, calib, device,
+                    batch_size, compute_dtype, progress, start)
+    except LowbitError:
+        writer.abandon()
+        raise
+
+
+def _run(meta: nn.Module, layers: nn.ModuleList, layers_path: str, model_dir: Path, config: Any,
+         reader: SafetensorsReader, recipe: Recipe, algorithm: str, writer: CheckpointWriter, calib: Tensor,
+         device: torch.device, batch_size: int | None, compute_dtype: torch.dtype, progress: bool,
+         start: float) -> LayerwiseResult:
     if recipe.kv_cache is not None:
         use_kv_attention(meta.config)
-    layers = meta.get_submodule(fam.layers)
-    if not isinstance(layers, nn.ModuleList):
-        raise LowbitError(f"{fam.layers} of {config.model_type} is not a layer list; lowbit's facts for it are wrong")
-    materialize(meta, reader, "", meta, device, compute_dtype, skip=[fam.layers])
-    shell_specs = convert(meta, recipe.with_exclude([f"{fam.layers}.*"]))
-    if shell_specs:
-        raise LowbitError(f"modules outside the decoder layers matched the recipe ({next(iter(shell_specs))}); "
-                          "lowbit quantizes decoder layers only: --exclude them")
+    materialize(meta, reader, "", meta, device, compute_dtype, skip=[layers_path])
     bs = batch_size or auto_batch_size(len(calib), calib.shape[1], config.hidden_size,
                                        getattr(config, "intermediate_size", 4 * config.hidden_size), device)
     states = _capture_inputs(meta, layers, calib, bs, device)
-    log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], fam.layers)
+    log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], layers_path)
     if writer.layers_done == 0:
-        writer.write_shell({k: v for k, v in meta.state_dict().items() if not k.startswith(fam.layers + ".")})
+        writer.write_shell({k: v for k, v in meta.state_dict().items() if not k.startswith(layers_path + ".")})
 
     modules: dict[str, Any] = {}
     done = writer.layers_done
     bar = tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress)
     for i in bar:
-        prefix = f"{fam.layers}.{i}"
+        prefix = f"{layers_path}.{i}"
         layer = layers[i]
         orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
         if i < done:
@@ -168,7 +179,7 @@ def quantize_checkpoint(
         "algorithm": algorithm,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                         "sha256": writer.fingerprint["calib_sha256"]},
-        "layers": fam.layers,
+        "layers": layers_path,
         "num_layers": len(layers),
         "modules": modules,
     }

@@ -74,9 +74,16 @@ class CheckpointWriter:
                     f"{self.partial} was made with other settings (model, recipe or calibration data); "
                     "rerun with the same settings, or delete it to start over"
                 )
-        else:
+        self.created = not self.partial.exists()
+        if self.created:
             self.partial.mkdir(parents=True)
-            write_json(self.partial / PROGRESS, {"fingerprint": fingerprint, "layers_done": 0, "shell": False})
+            write_json(self.partial / PROGRESS, {"fingerprint": fingerprint, "layers_done": 0})
+
+    def abandon(self) -> None:
+        """Remove the partial output of a run that failed on bad input (a rerun would fail the same way).
+        A partial directory that an earlier run left for --resume is kept."""
+        if self.created:
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def _progress(self) -> dict[str, Any]:
         try:

@@ -104,10 +104,8 @@ def check_shape(shape: tuple[int, ...], fmt: ScaledFormat) -> str | None:
         assert fmt.group_size is not None
         if shape[-1] % fmt.group_size:
             return f"in_features={shape[-1]} is not divisible by group_size={fmt.group_size}"
-    if fmt.granularity == "block":
-        assert fmt.block_shape is not None
-        if len(shape) != 2 or shape[0] % fmt.block_shape[0] or shape[1] % fmt.block_shape[1]:
-            return f"shape {tuple(shape)} is not divisible into {fmt.block_shape} blocks"
+    if fmt.granularity == "block" and len(shape) != 2:
+        return f"{fmt.block_shape} blocks need a 2-D weight, got shape {tuple(shape)}"
     return None
 
 
@@ -128,7 +126,9 @@ def to_blocks(x: Tensor, fmt: ScaledFormat) -> Tensor:
     if problem:
         raise ValueError(problem)
     (bm, bn), (n, k) = fmt.block_shape, x.shape
-    return x.reshape(n // bm, bm, k // bn, bn).transpose(1, 2).reshape(n // bm, k // bn, bm * bn)
+    nb, kb = -(-n // bm), -(-k // bn)  # partial edge tiles are zero-padded (compressed-tensors: ceil)
+    x = torch.nn.functional.pad(x, (0, kb * bn - k, 0, nb * bm - n))
+    return x.reshape(nb, bm, kb, bn).transpose(1, 2).reshape(nb, kb, bm * bn)
 
 
 def from_blocks(xb: Tensor, fmt: ScaledFormat, shape: torch.Size) -> Tensor:
@@ -136,7 +136,8 @@ def from_blocks(xb: Tensor, fmt: ScaledFormat, shape: torch.Size) -> Tensor:
     if fmt.granularity == "block":
         assert fmt.block_shape is not None
         (bm, bn), (n, k) = fmt.block_shape, shape
-        return xb.reshape(n // bm, k // bn, bm, bn).transpose(1, 2).reshape(shape)
+        nb, kb = -(-n // bm), -(-k // bn)
+        return xb.reshape(nb, kb, bm, bn).transpose(1, 2).reshape(nb * bm, kb * bn)[:n, :k]
     return xb.reshape(shape)
 
 
@@ -150,7 +151,7 @@ def scale_shape(shape: tuple[int, ...] | torch.Size, fmt: ScaledFormat) -> torch
         assert fmt.group_size is not None
         return torch.Size([*shape[:-1], shape[-1] // fmt.group_size])
     assert fmt.block_shape is not None
-    return torch.Size([shape[0] // fmt.block_shape[0], shape[1] // fmt.block_shape[1]])
+    return torch.Size([-(-shape[0] // fmt.block_shape[0]), -(-shape[1] // fmt.block_shape[1])])
 
 
 def reduce_amax(x: Tensor, fmt: ScaledFormat) -> Tensor:

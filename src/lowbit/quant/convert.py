@@ -26,29 +26,40 @@ def _divisor_hint(k: int) -> str:
     return f" or use group_size {ok[0]}" if ok else ""
 
 
+def plan(root: nn.Module, recipe: Recipe, prefix: str = "") -> dict[str, QuantSpec]:
+    """{full name: spec} of the Linears `recipe` quantizes under `root`, every shape checked (works on the
+    meta device, so a whole model is validated before any work)."""
+    specs: dict[str, QuantSpec] = {}
+    for name, module in root.named_modules():
+        full = join(prefix, name)
+        if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
+            continue
+        spec = recipe.resolve(full)
+        if spec is None:
+            continue
+        for fmt in spec.weight:
+            problem = check_shape(tuple(module.weight.shape), fmt)
+            if problem:
+                raise LowbitError(
+                    f"{full}: {problem} ({fmt.name}); add --exclude '{full}'{_divisor_hint(module.weight.shape[-1])}"
+                )
+        specs[full] = spec
+    return specs
+
+
 def convert(root: nn.Module, recipe: Recipe, prefix: str = "") -> dict[str, QuantSpec]:
     """Replace each nn.Linear that `recipe` assigns a spec with a QuantLinear (sharing its parameters), and
     give attention modules K/V quantizers when the recipe quantizes the KV cache. `prefix` is root's name in
     the full model, so rules match full names. Returns {full module name: spec}."""
-    specs: dict[str, QuantSpec] = {}
-    for name, module in list(root.named_modules()):
-        full = join(prefix, name)
-        if isinstance(module, nn.Linear) and not isinstance(module, QuantLinear):
-            spec = recipe.resolve(full)
-            if spec is None:
-                continue
-            for fmt in spec.weight:
-                problem = check_shape(tuple(module.weight.shape), fmt)
-                if problem:
-                    raise LowbitError(
-                        f"{full}: {problem} ({fmt.name}); add --exclude '{full}'"
-                        f"{_divisor_hint(module.weight.shape[-1])}"
-                    )
-            _set_submodule(root, name, QuantLinear(module, spec))
-            specs[full] = spec
-        elif recipe.kv_cache is not None and is_attention(module) and not hasattr(module, "k_quantizer"):
-            for attr in KV_QUANTIZERS:
-                module.add_module(attr, Quantizer(recipe.kv_cache))
+    specs = plan(root, recipe, prefix)
+    for full in specs:
+        name = full[len(prefix) + 1 :] if prefix else full
+        _set_submodule(root, name, QuantLinear(root.get_submodule(name), specs[full]))
+    if recipe.kv_cache is not None:
+        for module in root.modules():
+            if is_attention(module) and not hasattr(module, "k_quantizer"):
+                for attr in KV_QUANTIZERS:
+                    module.add_module(attr, Quantizer(recipe.kv_cache))
     return specs
 
 

@@ -1,0 +1,70 @@
+"""The layer-by-layer driver: same result as in-memory quantization, calibration on quantized outputs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lowbit.algorithms.layerwise import quantize_checkpoint
+from lowbit.checkpoint.load import load_model
+from lowbit.quant import preset, quantize
+
+
+@pytest.mark.parametrize("name", ["int4_awq", "nvfp4_wo", "fp8_pb_wo", "mxfp4"])
+def test_layerwise_equals_in_memory_for_data_free_formats(tiny_llama, calib_ids, tmp_path, name):
+    out = quantize_checkpoint(tiny_llama, preset(name), tmp_path / name, calib_ids, progress=False)
+    layerwise, _ = load_model(out.output)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    quantize(reference, preset(name), lambda m: m(calib_ids))
+    ids = calib_ids[:2]
+    with torch.no_grad():
+        assert torch.equal(layerwise(ids).logits, reference(ids).logits)
+
+
+def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llama, calib_ids, tmp_path):
+    out = quantize_checkpoint(tiny_llama, preset("fp8"), tmp_path / "fp8", calib_ids, batch_size=4, progress=False)
+    model, manifest = load_model(out.output)
+    assert manifest["algorithm"] == "max"
+    seen: list[torch.Tensor] = []
+    q_proj = model.model.layers[1].self_attn.q_proj
+    handle = q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().amax()))
+    with torch.no_grad():
+        for batch in calib_ids.split(4):
+            model(batch)
+    handle.remove()
+    # the stored amax is the max over the inputs that the quantized layer 0 produced
+    assert torch.allclose(q_proj.input_quantizer.amax, torch.stack(seen).max(), rtol=1e-5)
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    float_seen: list[torch.Tensor] = []
+    float_model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args: float_seen.append(args[0].abs().amax()))
+    with torch.no_grad():
+        float_model(calib_ids)
+    assert not torch.allclose(q_proj.input_quantizer.amax, torch.stack(float_seen).max(), rtol=1e-6)
+
+
+def test_kv_cache_quantization_applies_after_rope_and_works_with_generate(tiny_llama, calib_ids, tmp_path):
+    out = quantize_checkpoint(tiny_llama, preset("fp8").with_kv_cache("fp8"), tmp_path / "kv", calib_ids, progress=False)
+    model, _ = load_model(out.output)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_quantizer.amax.numel() == 1 and attn.v_quantizer.amax > 0
+    ids = calib_ids[:1, :12]
+    with torch.no_grad():
+        full = model(ids).logits[0, -1]
+        past = model(ids[:, :-1], use_cache=True).past_key_values
+        step = model(ids[:, -1:], past_key_values=past, use_cache=True).logits[0, -1]
+    assert torch.allclose(full, step, atol=1e-4)
+    attn.k_quantizer.amax = attn.k_quantizer.amax / 64  # the quantizer really sits in the attention path
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits[0, -1], full, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3"])
+def test_families_quantize_layerwise(tiny_factory, calib_ids, tmp_path, model_type):
+    path: Path = tiny_factory(model_type, 2)
+    out = quantize_checkpoint(path, preset("nvfp4"), tmp_path / model_type, calib_ids, progress=False)
+    model, manifest = load_model(out.output)
+    assert len(manifest["modules"]) == 14
+    with torch.no_grad():
+        assert torch.isfinite(model(calib_ids[:2]).logits).all()

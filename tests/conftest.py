@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny models made from configs (random weights), a tokenizer trained on the fly,
+calibration text from the standard library's sources."""
+
+from __future__ import annotations
+
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VOCAB = 512
+
+
+def _stdlib_text(limit: int = 400_000) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for name in ("argparse.py", "textwrap.py", "fractions.py", "heapq.py", "difflib.py", "pathlib.py", "shlex.py"):
+        text = (root / name).read_text(encoding="utf-8")
+        parts.append(text)
+        size += len(text)
+        if size > limit:
+            break
+    return "\n\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(_stdlib_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(text_file)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "mistral": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen3": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+}
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, model_type: str = "llama", layers: int = 2, seed: int = 0,
+                    dtype: torch.dtype = torch.bfloat16, **overrides: object) -> Path:
+    """A random tiny causal LM saved as a Hugging Face directory with the test tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY_CONFIGS[model_type], "num_hidden_layers": layers, "vocab_size": VOCAB,
+              "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0,
+              "pad_token_id": 0, **overrides}
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # weights with some outliers, as trained models have
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05).mul_(1 + 4 * (torch.rand(p.shape[1]) < 0.02))
+    model.to(dtype).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[..., Path]:
+    cache: dict[tuple, Path] = {}
+
+    def factory(model_type: str = "llama", layers: int = 2, **overrides: object) -> Path:
+        key = (model_type, layers, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(model_type), tokenizer_dir, model_type, layers,
+                                         **overrides)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_factory: Callable[..., Path]) -> Path:
+    return tiny_factory("llama", 2)
+
+
+@pytest.fixture()
+def calib_ids(tokenizer_dir: Path, text_file: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from lowbit.data.text import calibration_windows
+
+    return calibration_windows(text_file, AutoTokenizer.from_pretrained(tokenizer_dir), 16, 64)
