@@ -17,7 +17,15 @@ VOCAB = 512
 def _stdlib_text(limit: int = 400_000) -> str:
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, size = [], 0
-    for name in ("argparse.py", "textwrap.py", "fractions.py", "heapq.py", "difflib.py", "pathlib.py", "shlex.py"):
+    for name in (
+        "argparse.py",
+        "textwrap.py",
+        "fractions.py",
+        "heapq.py",
+        "difflib.py",
+        "pathlib.py",
+        "shlex.py",
+    ):
         text = (root / name).read_text(encoding="utf-8")
         parts.append(text)
         size += len(text)
@@ -41,34 +49,59 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train([str(text_file)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(out)
     return out
 
 
 TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "mistral": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "qwen3": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "llama": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "mistral": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "qwen3": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
 }
 
 
-def make_tiny_model(out: Path, tokenizer_dir: Path, model_type: str = "llama", layers: int = 2, seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16, **overrides: object) -> Path:
+def make_tiny_model(
+    out: Path,
+    tokenizer_dir: Path,
+    model_type: str = "llama",
+    layers: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    **overrides: object,
+) -> Path:
     """A random tiny causal LM saved as a Hugging Face directory with the test tokenizer."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    kwargs = {**TINY_CONFIGS[model_type], "num_hidden_layers": layers, "vocab_size": VOCAB,
-              "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0,
-              "pad_token_id": 0, **overrides}
+    kwargs = {
+        **TINY_CONFIGS[model_type],
+        "num_hidden_layers": layers,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+        **overrides,
+    }
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # weights with some outliers, as trained models have
@@ -88,8 +121,9 @@ def tiny_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
     def factory(model_type: str = "llama", layers: int = 2, **overrides: object) -> Path:
         key = (model_type, layers, tuple(sorted(overrides.items())))
         if key not in cache:
-            cache[key] = make_tiny_model(tmp_path_factory.mktemp(model_type), tokenizer_dir, model_type, layers,
-                                         **overrides)
+            cache[key] = make_tiny_model(
+                tmp_path_factory.mktemp(model_type), tokenizer_dir, model_type, layers, **overrides
+            )
         return cache[key]
 
     return factory

@@ -18,40 +18,100 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _quant_args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
-    return ["quantize", "--model", str(model), "--calib-data", str(text), "--calib-size", "8", "--calib-seq-len", "64",
-            "--device", "cpu", "--output", str(out), *extra]
+    return [
+        "quantize",
+        "--model",
+        str(model),
+        "--calib-data",
+        str(text),
+        "--calib-size",
+        "8",
+        "--calib-seq-len",
+        "64",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def test_quantize_generate_eval_inspect_end_to_end(tiny_llama, text_file, tmp_path, capsys):
     out = tmp_path / "nvfp4"
-    code, stdout, _ = run(capsys, *_quant_args(tiny_llama, text_file, out, "--qformat", "nvfp4", "--kv-cache", "fp8"))
+    code, stdout, _ = run(
+        capsys, *_quant_args(tiny_llama, text_file, out, "--qformat", "nvfp4", "--kv-cache", "fp8")
+    )
     assert code == 0 and "quantized 14 modules" in stdout and out.is_dir()
 
-    code, stdout, _ = run(capsys, "generate", "--checkpoint", str(out), "--prompts", "def main(", "--max-new-tokens", "5")
+    code, stdout, _ = run(
+        capsys, "generate", "--checkpoint", str(out), "--prompts", "def main(", "--max-new-tokens", "5"
+    )
     assert code == 0 and "def main(" in stdout and "nvfp4 checkpoint" in stdout
 
-    code, stdout, _ = run(capsys, "eval", "--model", str(tiny_llama), "--checkpoint", str(out), "--data", str(text_file),
-                          "--seq-len", "64", "--max-samples", "4", "--json")
+    code, stdout, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_llama),
+        "--checkpoint",
+        str(out),
+        "--data",
+        str(text_file),
+        "--seq-len",
+        "64",
+        "--max-samples",
+        "4",
+        "--json",
+    )
     result = json.loads(stdout)
     assert code == 0 and set(result) == {"ppl", "base_ppl", "kl", "top1_agree", "tokens"}
     assert result["tokens"] == 4 * 63 and result["kl"] > 0 and 0 <= result["top1_agree"] <= 1
 
     code, stdout, _ = run(capsys, "inspect", str(out))
-    assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "SQNR" in stdout and "k_quantizer" in stdout
+    assert (
+        code == 0
+        and "model.layers.1.mlp.down_proj" in stdout
+        and "SQNR" in stdout
+        and "k_quantizer" in stdout
+    )
 
 
 def test_megatron_bridge_spellings_and_algorithm_report(tiny_llama, text_file, tmp_path, capsys):
     out = tmp_path / "awq"
-    code, stdout, _ = run(capsys, "quantize", "--hf-model-id", str(tiny_llama), "--export-quant-cfg", "int4_awq",
-                          "--megatron-save-path", str(out), "--calib-data", str(text_file), "--calib-size", "4",
-                          "--calib-seq-len", "32")
+    code, stdout, _ = run(
+        capsys,
+        "quantize",
+        "--hf-model-id",
+        str(tiny_llama),
+        "--export-quant-cfg",
+        "int4_awq",
+        "--megatron-save-path",
+        str(out),
+        "--calib-data",
+        str(text_file),
+        "--calib-size",
+        "4",
+        "--calib-seq-len",
+        "32",
+    )
     assert code == 0 and "algorithm max (awq_lite requested; not implemented yet)" in stdout
     assert json.loads((out / "lowbit.json").read_text())["algorithm"] == "max"
 
 
 def test_eval_plain_model_gives_ppl_only(tiny_llama, text_file, capsys):
-    code, stdout, _ = run(capsys, "eval", "--model", str(tiny_llama), "--data", str(text_file), "--seq-len", "32",
-                          "--max-samples", "2", "--json")
+    code, stdout, _ = run(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(text_file),
+        "--seq-len",
+        "32",
+        "--max-samples",
+        "2",
+        "--json",
+    )
     result = json.loads(stdout)
     assert code == 0 and result["ppl"] > 1 and result["kl"] is None
 
@@ -73,14 +133,32 @@ def _nan_model(src: Path, dst: Path) -> Path:
 
 BAD = {
     "missing path": (lambda m, t, d: _quant_args(Path("./no/such/model"), t, d / "o"), "does not exist"),
-    "unreachable hub id": (lambda m, t, d: _quant_args(Path("nobody-xyz/not-a-model"), t, d / "o"), "cannot fetch hub id"),
-    "corrupt safetensors": (lambda m, t, d: _quant_args(_corrupt(m, d / "c"), t, d / "o"), "truncated or corrupt"),
+    "unreachable hub id": (
+        lambda m, t, d: _quant_args(Path("nobody-xyz/not-a-model"), t, d / "o"),
+        "cannot fetch hub id",
+    ),
+    "corrupt safetensors": (
+        lambda m, t, d: _quant_args(_corrupt(m, d / "c"), t, d / "o"),
+        "truncated or corrupt",
+    ),
     "nan weights": (lambda m, t, d: _quant_args(_nan_model(m, d / "n"), t, d / "o"), "NaN or Inf"),
-    "unknown preset": (lambda m, t, d: _quant_args(m, t, d / "o", "--qformat", "nvfp5"), "did you mean 'nvfp4'"),
-    "empty calibration": (lambda m, t, d: _quant_args(m, _write(d / "e.txt", ""), d / "o"), "shorter than one window"),
-    "short calibration": (lambda m, t, d: _quant_args(m, _write(d / "s.txt", "x = 1\n"), d / "o"), "shorter than one window"),
+    "unknown preset": (
+        lambda m, t, d: _quant_args(m, t, d / "o", "--qformat", "nvfp5"),
+        "did you mean 'nvfp4'",
+    ),
+    "empty calibration": (
+        lambda m, t, d: _quant_args(m, _write(d / "e.txt", ""), d / "o"),
+        "shorter than one window",
+    ),
+    "short calibration": (
+        lambda m, t, d: _quant_args(m, _write(d / "s.txt", "x = 1\n"), d / "o"),
+        "shorter than one window",
+    ),
     "missing calibration": (lambda m, t, d: _quant_args(m, d / "none.txt", d / "o"), "does not exist"),
-    "bad jsonl": (lambda m, t, d: _quant_args(m, _write(d / "b.jsonl", '{"txt": 1}\n'), d / "o"), "no 'text' string"),
+    "bad jsonl": (
+        lambda m, t, d: _quant_args(m, _write(d / "b.jsonl", '{"txt": 1}\n'), d / "o"),
+        "no 'text' string",
+    ),
 }
 
 
@@ -90,7 +168,9 @@ def _write(path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_exit_2_and_no_output(case, tiny_llama, text_file, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_no_output(
+    case, tiny_llama, text_file, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make_args, message = BAD[case]
     args = make_args(tiny_llama, text_file, tmp_path)
@@ -114,8 +194,12 @@ def test_unsupported_architecture_names_supported_ones(tmp_path, text_file, caps
 def test_group_size_that_does_not_divide_names_layer_and_fix(tiny_factory, text_file, tmp_path, capsys):
     model = tiny_factory("llama", 1, intermediate_size=192)
     code, _, err = run(capsys, *_quant_args(model, text_file, tmp_path / "o", "--qformat", "int4_awq"))
-    assert code == 2 and "model.layers.0.mlp.down_proj" in err and "--exclude" in err and "group_size 64" in err
+    assert (
+        code == 2 and "model.layers.0.mlp.down_proj" in err and "--exclude" in err and "group_size 64" in err
+    )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
-    code, _, _ = run(capsys, *_quant_args(model, text_file, tmp_path / "o", "--qformat", "int4_awq",
-                                          "--exclude", "*down_proj"))
+    code, _, _ = run(
+        capsys,
+        *_quant_args(model, text_file, tmp_path / "o", "--qformat", "int4_awq", "--exclude", "*down_proj"),
+    )
     assert code == 0

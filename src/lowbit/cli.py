@@ -27,31 +27,53 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of Hugging Face LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="lowbit", description="Post-training quantization of Hugging Face LLMs."
+    )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model layer by layer into a resumable checkpoint")
-    q.add_argument("--model", "--hf-model-id", dest="model", default=None,
-                   help="model directory or hub id (default: the built-in stdlib-llama)")
-    q.add_argument("--qformat", "--export-quant-cfg", dest="qformat", default="fp8", help="preset name (default fp8)")
+    q.add_argument(
+        "--model",
+        "--hf-model-id",
+        dest="model",
+        default=None,
+        help="model directory or hub id (default: the built-in stdlib-llama)",
+    )
+    q.add_argument(
+        "--qformat", "--export-quant-cfg", dest="qformat", default="fp8", help="preset name (default fp8)"
+    )
     q.add_argument("--recipe", default=None, help="YAML recipe file (replaces --qformat)")
     q.add_argument("--kv-cache", choices=("fp8", "nvfp4", "none"), default=None, help="KV cache format")
-    q.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave matching modules unquantized")
+    q.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="leave matching modules unquantized"
+    )
     q.add_argument("--algorithm", default=None, help="calibration algorithm (default: the preset's)")
     q.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or cached dataset name")
     q.add_argument("--calib-size", type=int, default=512)
     q.add_argument("--calib-seq-len", type=int, default=512)
     q.add_argument("--calib-batch-size", type=int, default=None, help="default: chosen from free memory")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--output", "--megatron-save-path", dest="output", default=None,
-                   help="checkpoint directory (default ./<model>-<preset>)")
-    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output once the new one is complete")
+    q.add_argument(
+        "--output",
+        "--megatron-save-path",
+        dest="output",
+        default=None,
+        help="checkpoint directory (default ./<model>-<preset>)",
+    )
+    q.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last finished layer"
+    )
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output once the new one is complete"
+    )
     _common(q)
 
     g = sub.add_parser("generate", help="generate text with a quantized checkpoint or a plain model")
-    g.add_argument("--checkpoint", "--model", dest="checkpoint", default=None, help="checkpoint or model directory")
+    g.add_argument(
+        "--checkpoint", "--model", dest="checkpoint", default=None, help="checkpoint or model directory"
+    )
     g.add_argument("--prompts", nargs="+", default=["def fibonacci(n):"])
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -85,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -114,7 +138,9 @@ def _tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise LowbitError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files there") from None
+        raise LowbitError(
+            f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files there"
+        ) from None
 
 
 def _recipe(args: argparse.Namespace) -> Any:
@@ -137,14 +163,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model) if args.model else DEFAULT_MODEL
     device = env_device(args.device)
     output = Path(args.output or f"{model_dir.name}-{recipe.name}")
-    calib = calibration_windows(args.calib_data or DEFAULT_CALIB, _tokenizer(model_dir), args.calib_size,
-                                args.calib_seq_len, args.seed)
+    calib = calibration_windows(
+        args.calib_data or DEFAULT_CALIB,
+        _tokenizer(model_dir),
+        args.calib_size,
+        args.calib_seq_len,
+        args.seed,
+    )
     log.info("calibrating on %d samples of %d tokens", *calib.shape)
-    result = quantize_checkpoint(model_dir, recipe, output, calib, device=device, batch_size=args.calib_batch_size,
-                                 resume=args.resume, overwrite=args.overwrite, progress=_progress(args))
-    ran = result.algorithm if result.algorithm == recipe.algorithm else f"{result.algorithm} ({recipe.algorithm} requested; not implemented yet)"
-    print(f"quantized {len(result.modules)} modules of {model_dir} with {recipe.name}, algorithm {ran}, "
-          f"in {result.seconds:.1f}s -> {result.output}")
+    result = quantize_checkpoint(
+        model_dir,
+        recipe,
+        output,
+        calib,
+        device=device,
+        batch_size=args.calib_batch_size,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+    )
+    ran = (
+        result.algorithm
+        if result.algorithm == recipe.algorithm
+        else f"{result.algorithm} ({recipe.algorithm} requested; not implemented yet)"
+    )
+    print(
+        f"quantized {len(result.modules)} modules of {model_dir} with {recipe.name}, algorithm {ran}, "
+        f"in {result.seconds:.1f}s -> {result.output}"
+    )
     return 0
 
 
@@ -162,11 +208,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"# {path} ({what})")
     for prompt in args.prompts:
         ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-        sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": args.temperature}
+            if args.temperature > 0
+            else {"do_sample": False}
+        )
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                                 **sampling)
-        print(f"{prompt}{tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
+            out = model.generate(  # type: ignore[operator]
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                **sampling,
+            )
+        print(f"{prompt}{tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}")
         print("---")
     return 0
 
@@ -202,17 +256,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = resolve_model(args.checkpoint)
     model, manifest = load_model(path, "cpu")
     if manifest is None:
-        raise LowbitError(f"{path} is not a lowbit quantized checkpoint (no lowbit.json); pass a `lowbit quantize` output")
+        raise LowbitError(
+            f"{path} is not a lowbit quantized checkpoint (no lowbit.json); pass a `lowbit quantize` output"
+        )
     rows = report(model)
     kv = kv_quantizers(model)
     if args.json:
-        print(json.dumps({"manifest": manifest, "modules": [r.__dict__ for r in rows],
-                          "kv_cache": [{"name": n, "format": f, "amax": a} for n, f, a in kv]}))
+        print(
+            json.dumps(
+                {
+                    "manifest": manifest,
+                    "modules": [r.__dict__ for r in rows],
+                    "kv_cache": [{"name": n, "format": f, "amax": a} for n, f, a in kv],
+                }
+            )
+        )
         return 0
-    print(f"# {path}: preset {manifest['recipe']['name']}, algorithm {manifest['algorithm']}"
-          f" (requested {manifest['algorithm_requested']}), lowbit {manifest['lowbit_version']}")
-    table = [(r.name, r.weight, r.input, f"{r.scale_min:.3g}..{r.scale_max:.3g}", f"{r.sqnr_db:.2f}",
-              f"{8 * r.packed_bytes / r.numel:.3f}") for r in rows]
+    print(
+        f"# {path}: preset {manifest['recipe']['name']}, algorithm {manifest['algorithm']}"
+        f" (requested {manifest['algorithm_requested']}), lowbit {manifest['lowbit_version']}"
+    )
+    table = [
+        (
+            r.name,
+            r.weight,
+            r.input,
+            f"{r.scale_min:.3g}..{r.scale_max:.3g}",
+            f"{r.sqnr_db:.2f}",
+            f"{8 * r.packed_bytes / r.numel:.3f}",
+        )
+        for r in rows
+    ]
     print_table(("module", "weight", "input", "weight scales", "SQNR dB", "bits/w"), table)
     for name, fmt, amax in kv:
         print(f"{name}: {fmt}, amax {amax:.4g}")
@@ -241,8 +315,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name in args.presets.split(","):
             recipe = preset(name.strip())
             start = time.perf_counter()
-            out = quantize_checkpoint(DEFAULT_MODEL, recipe, workdir / recipe.name, calib, device=device,
-                                      overwrite=True, progress=False)
+            out = quantize_checkpoint(
+                DEFAULT_MODEL,
+                recipe,
+                workdir / recipe.name,
+                calib,
+                device=device,
+                overwrite=True,
+                progress=False,
+            )
             seconds = time.perf_counter() - start
             model, _ = load_model(out.output, device)
             r = evaluate(model, windows, base, device=device, progress=False)
@@ -251,15 +332,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
             from lowbit.quant.convert import quant_linears
 
             bits = 8 * sum(packed_weight_bytes(m) for _, m in quant_linears(model)) / max(qnumel, 1)
-            rows.append((recipe.name, f"{bits:.2f}", _mb(size), f"{r['ppl']:.3f}", f"{r['kl']:.5f}",
-                         f"{r['top1_agree']:.3f}", f"{seconds:.1f}"))
+            rows.append(
+                (
+                    recipe.name,
+                    f"{bits:.2f}",
+                    _mb(size),
+                    f"{r['ppl']:.3f}",
+                    f"{r['kl']:.5f}",
+                    f"{r['top1_agree']:.3f}",
+                    f"{seconds:.1f}",
+                )
+            )
             if _progress(args):
                 print(f"  {recipe.name}: done", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"# built-in stdlib-llama, calibration {args.calib_size}x{args.calib_seq_len}, "
-          f"eval {len(windows)}x{args.seq_len} tokens; bits/weight of quantized Linears incl. scales")
+    print(
+        f"# built-in stdlib-llama, calibration {args.calib_size}x{args.calib_seq_len}, "
+        f"eval {len(windows)}x{args.seq_len} tokens; bits/weight of quantized Linears incl. scales"
+    )
     print_table(("preset", "bits/w", "size MB", "ppl", "KL", "top-1", "time s"), rows)
     return 0
 
@@ -274,8 +366,13 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
 
 
-COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "eval": cmd_eval, "inspect": cmd_inspect,
-            "demo": cmd_demo}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "inspect": cmd_inspect,
+    "demo": cmd_demo,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

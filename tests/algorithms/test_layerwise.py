@@ -23,7 +23,9 @@ def test_layerwise_equals_in_memory_for_data_free_formats(tiny_llama, calib_ids,
 
 
 def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llama, calib_ids, tmp_path):
-    out = quantize_checkpoint(tiny_llama, preset("fp8"), tmp_path / "fp8", calib_ids, batch_size=4, progress=False)
+    out = quantize_checkpoint(
+        tiny_llama, preset("fp8"), tmp_path / "fp8", calib_ids, batch_size=4, progress=False
+    )
     model, manifest = load_model(out.output)
     assert manifest["algorithm"] == "max"
     seen: list[torch.Tensor] = []
@@ -38,14 +40,17 @@ def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llam
     float_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     float_seen: list[torch.Tensor] = []
     float_model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
-        lambda m, args: float_seen.append(args[0].abs().amax()))
+        lambda m, args: float_seen.append(args[0].abs().amax())
+    )
     with torch.no_grad():
         float_model(calib_ids)
     assert not torch.allclose(q_proj.input_quantizer.amax, torch.stack(float_seen).max(), rtol=1e-6)
 
 
 def test_kv_cache_quantization_applies_after_rope_and_works_with_generate(tiny_llama, calib_ids, tmp_path):
-    out = quantize_checkpoint(tiny_llama, preset("fp8").with_kv_cache("fp8"), tmp_path / "kv", calib_ids, progress=False)
+    out = quantize_checkpoint(
+        tiny_llama, preset("fp8").with_kv_cache("fp8"), tmp_path / "kv", calib_ids, progress=False
+    )
     model, _ = load_model(out.output)
     attn = model.model.layers[0].self_attn
     assert attn.k_quantizer.amax.numel() == 1 and attn.v_quantizer.amax > 0

@@ -33,7 +33,9 @@ def _tensors(path):
     return out
 
 
-def test_crash_leaves_no_complete_looking_output_and_resume_finishes_identically(tiny_factory, calib_ids, tmp_path, monkeypatch):
+def test_crash_leaves_no_complete_looking_output_and_resume_finishes_identically(
+    tiny_factory, calib_ids, tmp_path, monkeypatch
+):
     model = tiny_factory("llama", 3)
     recipe = preset("fp8").with_kv_cache("fp8")
     clean = quantize_checkpoint(model, recipe, tmp_path / "clean", calib_ids, progress=False).output

@@ -35,8 +35,15 @@ def test_fp8_rounding_matches_torch_cast_at_every_midpoint(element, dtype):
     grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     grid = grid[torch.isfinite(grid)].unique()
     mids = (grid[1:] + grid[:-1]) / 2  # exact ties: round half to even
-    x = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]),
-                   torch.randn(10000) * element.max_norm / 4])
+    x = torch.cat(
+        [
+            grid,
+            mids,
+            torch.nextafter(mids, grid[1:]),
+            torch.nextafter(mids, grid[:-1]),
+            torch.randn(10000) * element.max_norm / 4,
+        ]
+    )
     x = x.clamp(-element.max_norm, element.max_norm)
     assert torch.equal(round_to_grid(x, element), x.to(dtype).float())
 
@@ -82,7 +89,10 @@ def test_e8m0_every_code():
 def test_int_round_half_even_and_clamp(element):
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 1e4, -1e4])
     q = round_to_grid(x, element)
-    assert torch.equal(q[:5].clamp(element.qmin, element.qmax), torch.tensor([0.0, 2.0, 2.0, -0.0, -2.0]).clamp(element.qmin, element.qmax))
+    assert torch.equal(
+        q[:5].clamp(element.qmin, element.qmax),
+        torch.tensor([0.0, 2.0, 2.0, -0.0, -2.0]).clamp(element.qmin, element.qmax),
+    )
     assert q[5] == element.qmax and q[6] == element.qmin
     codes = torch.arange(element.qmin, element.qmax + 1).float()
     assert torch.equal(decode(encode(codes, element), element), codes)

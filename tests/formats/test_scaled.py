@@ -127,8 +127,11 @@ def test_sqnr_floor_per_format(name, tiny_llama):
     from safetensors.torch import load_file
 
     fmt = FORMATS[name]
-    weights = [w.float() for k, w in load_file(str(tiny_llama / "model.safetensors")).items()
-               if k.endswith("proj.weight")]
+    weights = [
+        w.float()
+        for k, w in load_file(str(tiny_llama / "model.safetensors")).items()
+        if k.endswith("proj.weight")
+    ]
     floor = FLOORS[name]
     for w in weights:
         assert sqnr_db(w, fake_quant(w, fmt)) > floor, name

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lowbit.formats.scaled import FP8_TENSOR, INT4_G128, NVFP4, NVFP4_DYNAMIC, fake_quant
-from lowbit.quant import QuantLinear, QuantSpec, Quantizer, preset, quantize
+from lowbit.quant import Quantizer, QuantLinear, QuantSpec, preset, quantize
 from lowbit.quant.convert import calibrate_max
 
 
@@ -35,7 +35,9 @@ def test_quant_linear_shares_parameters_and_matches_fake_quant():
     assert ql.weight is lin.weight and ql.bias is lin.bias
     x = torch.randn(3, 256)
     calibrate_max(ql, lambda m: m(x))
-    expected = nn.functional.linear(fake_quant(x, FP8_TENSOR, amax=x.abs().amax()), fake_quant(lin.weight, INT4_G128), lin.bias)
+    expected = nn.functional.linear(
+        fake_quant(x, FP8_TENSOR, amax=x.abs().amax()), fake_quant(lin.weight, INT4_G128), lin.bias
+    )
     assert torch.equal(ql(x), expected)
     with torch.no_grad():
         lin.weight.mul_(2)  # the cached quantized weight follows the weight

@@ -6,8 +6,21 @@ from lowbit.errors import LowbitError
 from lowbit.formats.scaled import FP8_TENSOR, INT4_G128, NVFP4
 from lowbit.quant.recipe import PRESETS, load_recipe, preset, recipe_from_dict
 
-SPEC_PRESETS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int8_sq", "int8_wo", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
-                "nvfp4_wo", "mxfp8", "mxfp4", "no_quant")
+SPEC_PRESETS = (
+    "fp8",
+    "fp8_pc_pt",
+    "fp8_pb_wo",
+    "int8_sq",
+    "int8_wo",
+    "int4_awq",
+    "w4a8_awq",
+    "nvfp4",
+    "nvfp4_awq",
+    "nvfp4_wo",
+    "mxfp8",
+    "mxfp4",
+    "no_quant",
+)
 
 
 def test_every_spec_preset_exists_and_round_trips_through_its_dict():
@@ -60,14 +73,20 @@ def test_yaml_recipe(tmp_path):
     assert recipe_from_dict(r.to_dict()) == r
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("rules:\n  - {pattern: '*', weight: int4_g129}\n", "unknown format 'int4_g129'.*did you mean 'int4_g128'"),
-    ("rulez: []\n", "unknown key 'rulez'.*did you mean 'rules'"),
-    ("rules:\n  - {weight: fp8_tensor}\n", "needs a 'pattern'"),
-    ("rules:\n  - {pattern: '*', weight: {format: fp8_tensor, group_size: 64}}\n", "has no groups"),
-    ("algorithm: awq_ful\n", "did you mean 'awq_full'"),
-    ("rules: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "rules:\n  - {pattern: '*', weight: int4_g129}\n",
+            "unknown format 'int4_g129'.*did you mean 'int4_g128'",
+        ),
+        ("rulez: []\n", "unknown key 'rulez'.*did you mean 'rules'"),
+        ("rules:\n  - {weight: fp8_tensor}\n", "needs a 'pattern'"),
+        ("rules:\n  - {pattern: '*', weight: {format: fp8_tensor, group_size: 64}}\n", "has no groups"),
+        ("algorithm: awq_ful\n", "did you mean 'awq_full'"),
+        ("rules: [\n", "not valid YAML"),
+    ],
+)
 def test_yaml_errors_name_the_cause(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -60,7 +60,9 @@ class _Catcher(nn.Module):
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args:
-            raise LowbitError("decoder layers called with positional arguments beyond hidden_states are not supported")
+            raise LowbitError(
+                "decoder layers called with positional arguments beyond hidden_states are not supported"
+            )
         self.inputs.append((hidden_states, kwargs))
         raise _Captured
 
@@ -75,11 +77,17 @@ class LayerwiseResult:
 
 def fingerprint(model_dir: Path, recipe: Recipe, calib: Tensor) -> dict[str, Any]:
     digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
-    return {"model": str(model_dir.resolve()), "recipe": recipe.to_dict(), "calib_sha256": digest,
-            "calib_shape": list(calib.shape)}
+    return {
+        "model": str(model_dir.resolve()),
+        "recipe": recipe.to_dict(),
+        "calib_sha256": digest,
+        "calib_shape": list(calib.shape),
+    }
 
 
-def auto_batch_size(n_samples: int, seq_len: int, hidden: int, intermediate: int, device: torch.device) -> int:
+def auto_batch_size(
+    n_samples: int, seq_len: int, hidden: int, intermediate: int, device: torch.device
+) -> int:
     """Largest batch whose layer-forward temporaries fit in a quarter of free memory (at most 64)."""
     per_sample = seq_len * (8 * hidden + 3 * intermediate) * 4
     fit = int(free_memory_bytes(device) * 0.25 // max(per_sample, 1))
@@ -107,42 +115,91 @@ def quantize_checkpoint(
     layers_path = family(config.model_type).layers
     reader = SafetensorsReader(model_dir)
     if int(calib.max()) >= config.vocab_size:
-        raise LowbitError(f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
-                          "the tokenizer does not match the model")
+        raise LowbitError(
+            f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
+            "the tokenizer does not match the model"
+        )
     algorithm = algorithm_to_run(recipe.algorithm)
     if algorithm != recipe.algorithm:
-        log.warning("recipe %s asks for %s, which lowbit does not implement yet: calibrating with %s",
-                    recipe.name, recipe.algorithm, algorithm)
+        log.warning(
+            "recipe %s asks for %s, which lowbit does not implement yet: calibrating with %s",
+            recipe.name,
+            recipe.algorithm,
+            algorithm,
+        )
     meta = build_meta_model(config)
     layers = meta.get_submodule(layers_path)
     if not isinstance(layers, nn.ModuleList):
-        raise LowbitError(f"{layers_path} of {config.model_type} is not a layer list; lowbit's facts for it are wrong")
-    outside = [n for n in plan(meta, recipe) if not n.startswith(layers_path + ".")]  # also checks every shape
+        raise LowbitError(
+            f"{layers_path} of {config.model_type} is not a layer list; lowbit's facts for it are wrong"
+        )
+    outside = [
+        n for n in plan(meta, recipe) if not n.startswith(layers_path + ".")
+    ]  # also checks every shape
     if outside:
-        raise LowbitError(f"{outside[0]} lies outside the decoder layers, which lowbit quantizes one at a time; "
-                          f"--exclude '{outside[0]}'")
-    writer = CheckpointWriter(output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite)
+        raise LowbitError(
+            f"{outside[0]} lies outside the decoder layers, which lowbit quantizes one at a time; "
+            f"--exclude '{outside[0]}'"
+        )
+    writer = CheckpointWriter(
+        output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite
+    )
     try:
-        return _run(meta, layers, layers_path, model_dir, config, reader, recipe, algorithm, writer, calib, device,
-                    batch_size, compute_dtype, progress, start)
+        return _run(
+            meta,
+            layers,
+            layers_path,
+            model_dir,
+            config,
+            reader,
+            recipe,
+            algorithm,
+            writer,
+            calib,
+            device,
+            batch_size,
+            compute_dtype,
+            progress,
+            start,
+        )
     except LowbitError:
         writer.abandon()
         raise
 
 
-def _run(meta: nn.Module, layers: nn.ModuleList, layers_path: str, model_dir: Path, config: Any,
-         reader: SafetensorsReader, recipe: Recipe, algorithm: str, writer: CheckpointWriter, calib: Tensor,
-         device: torch.device, batch_size: int | None, compute_dtype: torch.dtype, progress: bool,
-         start: float) -> LayerwiseResult:
+def _run(
+    meta: nn.Module,
+    layers: nn.ModuleList,
+    layers_path: str,
+    model_dir: Path,
+    config: Any,
+    reader: SafetensorsReader,
+    recipe: Recipe,
+    algorithm: str,
+    writer: CheckpointWriter,
+    calib: Tensor,
+    device: torch.device,
+    batch_size: int | None,
+    compute_dtype: torch.dtype,
+    progress: bool,
+    start: float,
+) -> LayerwiseResult:
     if recipe.kv_cache is not None:
-        use_kv_attention(meta.config)
+        use_kv_attention(meta.config)  # type: ignore[arg-type]
     materialize(meta, reader, "", meta, device, compute_dtype, skip=[layers_path])
-    bs = batch_size or auto_batch_size(len(calib), calib.shape[1], config.hidden_size,
-                                       getattr(config, "intermediate_size", 4 * config.hidden_size), device)
+    bs = batch_size or auto_batch_size(
+        len(calib),
+        calib.shape[1],
+        config.hidden_size,
+        getattr(config, "intermediate_size", 4 * config.hidden_size),
+        device,
+    )
     states = _capture_inputs(meta, layers, calib, bs, device)
     log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], layers_path)
     if writer.layers_done == 0:
-        writer.write_shell({k: v for k, v in meta.state_dict().items() if not k.startswith(layers_path + ".")})
+        writer.write_shell(
+            {k: v for k, v in meta.state_dict().items() if not k.startswith(layers_path + ".")}
+        )
 
     modules: dict[str, Any] = {}
     done = writer.layers_done
@@ -164,7 +221,11 @@ def _run(meta: nn.Module, layers: nn.ModuleList, layers_path: str, model_dir: Pa
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
         _advance(layer, states)
         if i >= done:
-            weights = {f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in layer.state_dict().items() if "_quantizer." not in k}
+            weights = {
+                f"{prefix}.{k}": v.to(orig_dtypes[k])
+                for k, v in layer.state_dict().items()
+                if "_quantizer." not in k
+            }
             stats = {f"{prefix}.{k}": v for k, v in layer.state_dict().items() if "_quantizer." in k}
             writer.write_layer(i, weights, stats)
         layer.to("meta")
@@ -177,8 +238,11 @@ def _run(meta: nn.Module, layers: nn.ModuleList, layers_path: str, model_dir: Pa
         "recipe": recipe.to_dict(),
         "algorithm_requested": recipe.algorithm,
         "algorithm": algorithm,
-        "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
-                        "sha256": writer.fingerprint["calib_sha256"]},
+        "calibration": {
+            "samples": int(calib.shape[0]),
+            "seq_len": int(calib.shape[1]),
+            "sha256": writer.fingerprint["calib_sha256"],
+        },
         "layers": layers_path,
         "num_layers": len(layers),
         "modules": modules,
@@ -188,7 +252,9 @@ def _run(meta: nn.Module, layers: nn.ModuleList, layers_path: str, model_dir: Pa
 
 
 @torch.no_grad()
-def _capture_inputs(meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device) -> list[tuple[Tensor, dict[str, Any]]]:
+def _capture_inputs(
+    meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device
+) -> list[tuple[Tensor, dict[str, Any]]]:
     catcher = _Catcher()
     first = layers[0]
     layers[0] = catcher
@@ -199,7 +265,9 @@ def _capture_inputs(meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: i
             except _Captured:
                 pass
             else:
-                raise LowbitError("the model never called its first decoder layer; its structure is not supported")
+                raise LowbitError(
+                    "the model never called its first decoder layer; its structure is not supported"
+                )
     finally:
         layers[0] = first
     return catcher.inputs
@@ -216,7 +284,9 @@ def _loop_over(states: list[tuple[Tensor, dict[str, Any]]]) -> Callable[[nn.Modu
 def _needs_data(layer: nn.Module) -> bool:
     """Whether any activation quantizer keeps static statistics (dynamic-only formats need no data)."""
     return any(
-        isinstance(m, Quantizer) and (m.needs_block_amax or m.fmt.global_scale) and "weight_quantizer" not in n
+        isinstance(m, Quantizer)
+        and (m.needs_block_amax or m.fmt.global_scale)
+        and "weight_quantizer" not in n
         for n, m in layer.named_modules()
     )
 
@@ -232,12 +302,21 @@ def _advance(layer: nn.Module, states: list[tuple[Tensor, dict[str, Any]]]) -> N
 def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str, what: str) -> None:
     for hidden, _ in states:
         if not torch.isfinite(hidden).all():
-            raise LowbitError(f"{prefix}: NaN or Inf in its {what} during calibration; the model overflows "
-                              "in this dtype or its weights are damaged: check the checkpoint")
+            raise LowbitError(
+                f"{prefix}: NaN or Inf in its {what} during calibration; the model overflows "
+                "in this dtype or its weights are damaged: check the checkpoint"
+            )
 
 
-def _replay_layer(layer: nn.Module, prefix: str, weights: dict[str, Tensor], stats: dict[str, Tensor],
-                  fp: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def _replay_layer(
+    layer: nn.Module,
+    prefix: str,
+    weights: dict[str, Tensor],
+    stats: dict[str, Tensor],
+    fp: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
     layer.to_empty(device=device)
     layer.load_state_dict({k[len(prefix) + 1 :]: v for k, v in weights.items()}, strict=False)
     layer.to(dtype)

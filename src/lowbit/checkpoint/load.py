@@ -27,7 +27,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return dict(json.loads((Path(path) / MANIFEST).read_text()))
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, Any] | None]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, dict[str, Any] | None]:
     """(model, manifest): the model with its quantization applied; manifest None for a plain model."""
     from transformers import AutoModelForCausalLM
 
@@ -42,7 +44,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     manifest = read_manifest(model_dir) if is_lowbit_checkpoint(model_dir) else None
     if manifest is not None:
         apply_quantization(model, model_dir, manifest)
-    return model.to(device), manifest
+    model.to(device)  # type: ignore[arg-type]
+    return model, manifest
 
 
 def apply_quantization(model: nn.Module, ckpt: Path, manifest: dict[str, Any]) -> None:
@@ -51,7 +54,9 @@ def apply_quantization(model: nn.Module, ckpt: Path, manifest: dict[str, Any]) -
         spec = spec_from_dict(spec_data)
         linear = model.get_submodule(name)
         if spec is None or not isinstance(linear, nn.Linear):
-            raise LowbitError(f"{ckpt}: {MANIFEST} names {name} as a quantized Linear; the checkpoint is damaged")
+            raise LowbitError(
+                f"{ckpt}: {MANIFEST} names {name} as a quantized Linear; the checkpoint is damaged"
+            )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(linear, spec))
     kv = manifest["recipe"].get("kv_cache")
@@ -61,7 +66,7 @@ def apply_quantization(model: nn.Module, ckpt: Path, manifest: dict[str, Any]) -
             if is_attention(module):
                 for attr in KV_QUANTIZERS:
                     module.add_module(attr, Quantizer(fmt))
-        use_kv_attention(model.config)
+        use_kv_attention(model.config)  # type: ignore[arg-type]
     for file in sorted(ckpt.glob("quantizers-*.safetensors")):
         load_quantizer_stats(model, load_file(str(file)))
 
@@ -76,5 +81,7 @@ def load_quantizer_stats(root: nn.Module, tensors: dict[str, torch.Tensor], pref
         local = qname[len(prefix) + 1 :] if prefix else qname
         q = root.get_submodule(local)
         if not isinstance(q, Quantizer):
-            raise LowbitError(f"quantizer statistics for {qname}, which is not a quantizer; the checkpoint is damaged")
+            raise LowbitError(
+                f"quantizer statistics for {qname}, which is not a quantizer; the checkpoint is damaged"
+            )
         q.load_stats(stats)

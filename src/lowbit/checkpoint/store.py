@@ -48,7 +48,9 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"}
+    )
     os.replace(tmp, path)
 
 
@@ -56,16 +58,21 @@ class CheckpointWriter:
     """Builds OUTPUT in OUTPUT.partial; `fingerprint` identifies the run so that --resume continues only
     the same model, recipe and calibration data."""
 
-    def __init__(self, output: Path, fingerprint: dict[str, Any], resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self, output: Path, fingerprint: dict[str, Any], resume: bool = False, overwrite: bool = False
+    ):
         self.output = output
         self.partial = output.with_name(output.name + ".partial")
         self.fingerprint = fingerprint
         self.overwrite = overwrite
         if output.exists() and not overwrite:
-            raise LowbitError(f"output {str(output)!r} already exists; pass --overwrite or choose another --output")
+            raise LowbitError(
+                f"output {str(output)!r} already exists; pass --overwrite or choose another --output"
+            )
         if self.partial.exists() and not resume:
             raise LowbitError(
-                f"an interrupted run left {str(self.partial)!r}; pass --resume to continue it, or delete it to start over"
+                f"an interrupted run left {str(self.partial)!r}; "
+                "pass --resume to continue it, or delete it to start over"
             )
         if resume and self.partial.exists():
             progress = self._progress()
@@ -89,7 +96,9 @@ class CheckpointWriter:
         try:
             return dict(json.loads((self.partial / PROGRESS).read_text()))
         except (OSError, ValueError):
-            raise LowbitError(f"{self.partial}: no readable {PROGRESS}; delete the directory to start over") from None
+            raise LowbitError(
+                f"{self.partial}: no readable {PROGRESS}; delete the directory to start over"
+            ) from None
 
     @property
     def layers_done(self) -> int:
@@ -98,7 +107,9 @@ class CheckpointWriter:
     def write_shell(self, weights: dict[str, torch.Tensor]) -> None:
         save_tensors(self.partial / SHELL, weights)
 
-    def write_layer(self, i: int, weights: dict[str, torch.Tensor], quantizers: dict[str, torch.Tensor]) -> None:
+    def write_layer(
+        self, i: int, weights: dict[str, torch.Tensor], quantizers: dict[str, torch.Tensor]
+    ) -> None:
         if i != self.layers_done:
             raise RuntimeError(f"layer {i} written out of order (expected {self.layers_done})")
         save_tensors(self.partial / layer_file(i), weights)
@@ -122,7 +133,10 @@ class CheckpointWriter:
                     weight_map[key] = path.name
                     sl = f.get_slice(key)
                     total += _nbytes(sl.get_shape(), sl.get_dtype())
-        write_json(self.partial / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            self.partial / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
         write_json(self.partial / "config.json", config)
         for src in copy_files:
             shutil.copy2(src, self.partial / src.name)
@@ -139,8 +153,20 @@ class CheckpointWriter:
         return self.output
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "BOOL": 1,
+}
 
 
 def _nbytes(shape: list[int], dtype: str) -> int:

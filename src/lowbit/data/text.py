@@ -34,7 +34,9 @@ def read_texts(source: str | Path) -> list[str]:
         if suffix == ".parquet":
             return _read_parquet(path)
         return [path.read_text(encoding="utf-8", errors="replace")]
-    if path.suffix.lower() in {".txt", ".jsonl", ".parquet", ".json"} or "/" in str(source) and path.parent.exists():
+    if path.suffix.lower() in {".txt", ".jsonl", ".parquet", ".json"} or (
+        "/" in str(source) and path.parent.exists()
+    ):
         raise LowbitError(f"data file {str(source)!r} does not exist; pass a .txt, .jsonl or .parquet file")
     return _read_dataset(str(source))
 
@@ -47,7 +49,9 @@ def _read_jsonl(path: Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise LowbitError(f"{path}:{i}: not valid JSON; each line of a .jsonl file is one JSON object") from None
+            raise LowbitError(
+                f"{path}:{i}: not valid JSON; each line of a .jsonl file is one JSON object"
+            ) from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise LowbitError(f"{path}:{i}: no 'text' string field; each line needs {{\"text\": ...}}")
         texts.append(row["text"])
@@ -75,7 +79,9 @@ def _read_dataset(name: str) -> list[str]:
         ) from None
     dataset_name, _, config = name.partition(":")
     try:
-        ds: Any = datasets.load_dataset(dataset_name, config or None, split="train", download_mode="reuse_cache_if_exists")
+        ds: Any = datasets.load_dataset(
+            dataset_name, config or None, split="train", download_mode="reuse_cache_if_exists"
+        )
     except Exception as e:  # the datasets library raises many types for "not cached / offline"
         raise LowbitError(
             f"dataset {name!r} is neither a local file nor in the local datasets cache ({type(e).__name__}); "
@@ -114,8 +120,12 @@ def calibration_windows(source: str | Path, tokenizer: Any, n: int, seq_len: int
             "give more text or lower --calib-seq-len"
         )
     if len(all_windows) < n:
-        log.warning("calibration data has %d windows of %d tokens, fewer than --calib-size %d: using all",
-                    len(all_windows), seq_len, n)
+        log.warning(
+            "calibration data has %d windows of %d tokens, fewer than --calib-size %d: using all",
+            len(all_windows),
+            seq_len,
+            n,
+        )
         return all_windows
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(all_windows), generator=generator)[:n].sort().values
@@ -126,6 +136,8 @@ def eval_windows(source: str | Path, tokenizer: Any, seq_len: int, max_samples: 
     """The first `max_samples` consecutive windows of `seq_len` tokens of the source."""
     all_windows = windows(token_stream(read_texts(source), tokenizer), seq_len)
     if len(all_windows) == 0:
-        raise LowbitError(f"evaluation data {str(source)!r} is shorter than one window of {seq_len} tokens; "
-                          "give more text or lower --seq-len")
+        raise LowbitError(
+            f"evaluation data {str(source)!r} is shorter than one window of {seq_len} tokens; "
+            "give more text or lower --seq-len"
+        )
     return all_windows if max_samples is None else all_windows[:max_samples]

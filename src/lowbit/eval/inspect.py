@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lowbit.formats.packing import pack, packed_nbytes
-from lowbit.formats.scaled import quantize, scale_from_amax, sqnr_db, global_scale_from_amax
+from lowbit.formats.scaled import global_scale_from_amax, quantize, scale_from_amax, sqnr_db
 from lowbit.quant.convert import all_quantizers, quant_linears
 from lowbit.quant.linear import QuantLinear
 
@@ -45,22 +45,28 @@ def report(model: nn.Module) -> list[ModuleReport]:
     rows = []
     for name, linear in quant_linears(model):
         s = weight_scales(linear)
-        rows.append(ModuleReport(
-            name=name,
-            weight="+".join(f.name for f in linear.spec.weight),
-            input=linear.spec.input.name if linear.spec.input else "-",
-            scale_min=float(s.min()), scale_max=float(s.max()),
-            sqnr_db=sqnr_db(linear.weight, linear.quantized_weight()),
-            packed_bytes=packed_weight_bytes(linear),
-            numel=linear.weight.numel(),
-        ))
+        rows.append(
+            ModuleReport(
+                name=name,
+                weight="+".join(f.name for f in linear.spec.weight),
+                input=linear.spec.input.name if linear.spec.input else "-",
+                scale_min=float(s.min()),
+                scale_max=float(s.max()),
+                sqnr_db=sqnr_db(linear.weight, linear.quantized_weight()),
+                packed_bytes=packed_weight_bytes(linear),
+                numel=linear.weight.numel(),
+            )
+        )
     return rows
 
 
 def kv_quantizers(model: nn.Module) -> list[tuple[str, str, float]]:
     """(name, format, amax) of each K/V cache quantizer."""
-    return [(n, q.fmt.name, float(q.amax if q.amax is not None else q.global_amax or 0))
-            for n, q in all_quantizers(model) if n.endswith(("k_quantizer", "v_quantizer"))]
+    return [
+        (n, q.fmt.name, float(q.amax if q.amax is not None else q.global_amax or 0))
+        for n, q in all_quantizers(model)
+        if n.endswith(("k_quantizer", "v_quantizer"))
+    ]
 
 
 def model_size_bytes(model: nn.Module) -> tuple[int, int]:

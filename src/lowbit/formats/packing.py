@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.elements import (
-
     FloatElement,
     IntElement,
     PowerOfTwoElement,
@@ -105,5 +104,3 @@ def unpack(stored: dict[str, Tensor], fmt: ScaledFormat) -> QTensor:
 
 def packed_nbytes(stored: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in stored.values())
-
-

@@ -35,4 +35,6 @@ def family(model_type: str) -> Family:
     for f in FAMILIES:
         if model_type in f.model_types:
             return f
-    raise LowbitError(f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}")
+    raise LowbitError(
+        f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
+    )

@@ -28,12 +28,16 @@ def resolve_model(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise LowbitError(f"{model}: no config.json in this directory; pass a Hugging Face model directory")
+            raise LowbitError(
+                f"{model}: no config.json in this directory; pass a Hugging Face model directory"
+            )
         return path
     if path.exists():
         raise LowbitError(f"{model}: is a file, not a model directory; pass the directory with config.json")
     if not HUB_ID.match(model) or model.startswith((".", "/", "~")):
-        raise LowbitError(f"model path {model!r} does not exist; check the path or pass a hub id like org/name")
+        raise LowbitError(
+            f"model path {model!r} does not exist; check the path or pass a hub id like org/name"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -50,7 +54,9 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(model_dir)
     except ValueError as e:
-        raise LowbitError(f"{model_dir}: transformers does not know this architecture ({str(e).splitlines()[0]})") from None
+        raise LowbitError(
+            f"{model_dir}: transformers does not know this architecture ({str(e).splitlines()[0]})"
+        ) from None
 
 
 class SafetensorsReader:
@@ -65,7 +71,9 @@ class SafetensorsReader:
         else:
             files = sorted(p.name for p in model_dir.glob("*.safetensors"))
             if not files:
-                raise LowbitError(f"{model_dir}: no .safetensors files; lowbit reads safetensors checkpoints only")
+                raise LowbitError(
+                    f"{model_dir}: no .safetensors files; lowbit reads safetensors checkpoints only"
+                )
         self.file_of: dict[str, str] = {}
         for name in files:
             for key in self._keys(model_dir / name):
@@ -74,12 +82,16 @@ class SafetensorsReader:
     @staticmethod
     def _keys(path: Path) -> list[str]:
         if not path.is_file():
-            raise LowbitError(f"{path}: listed in the checkpoint index but missing; re-download the checkpoint")
+            raise LowbitError(
+                f"{path}: listed in the checkpoint index but missing; re-download the checkpoint"
+            )
         try:
             with safe_open(path, "pt") as f:
                 return list(f.keys())
         except Exception as e:
-            raise LowbitError(f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint") from None
+            raise LowbitError(
+                f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint"
+            ) from None
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.file_of if n.startswith(prefix)]
@@ -98,7 +110,9 @@ class SafetensorsReader:
                     for k in keys:
                         out[k] = f.get_tensor(k).clone()  # own the memory: the map closes with the file
             except Exception as e:
-                raise LowbitError(f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint") from None
+                raise LowbitError(
+                    f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint"
+                ) from None
         return out
 
 
@@ -110,7 +124,9 @@ def build_meta_model(config: PretrainedConfig) -> nn.Module:
         try:
             return AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config))
         except ValueError as e:
-            raise LowbitError(f"cannot build a causal LM for model type {config.model_type!r}: {str(e).splitlines()[0]}") from None
+            raise LowbitError(
+                f"cannot build a causal LM for model type {config.model_type!r}: {str(e).splitlines()[0]}"
+            ) from None
 
 
 def _config_dtype(config: PretrainedConfig) -> torch.dtype:
@@ -157,9 +173,13 @@ def materialize(
     for full, tensor in tensors.items():
         target = state[names[full]]
         if target.shape != tensor.shape:
-            raise LowbitError(f"{reader.dir}: {full} has shape {tuple(tensor.shape)}, config expects {tuple(target.shape)}")
+            raise LowbitError(
+                f"{reader.dir}: {full} has shape {tuple(tensor.shape)}, config expects {tuple(target.shape)}"
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise LowbitError(f"{reader.dir}: {full} holds NaN or Inf; the checkpoint is damaged: re-download or retrain it")
+            raise LowbitError(
+                f"{reader.dir}: {full} holds NaN or Inf; the checkpoint is damaged: re-download or retrain it"
+            )
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
     if dtype is not None:
@@ -202,8 +222,20 @@ def env_device(name: str) -> torch.device:
 
 def model_files_for_copy(model_dir: Path) -> list[Path]:
     """Tokenizer and generation files that travel with a checkpoint."""
-    wanted = ("tokenizer", "special_tokens_map", "generation_config", "vocab", "merges", "chat_template", "preprocessor")
-    return [p for p in sorted(model_dir.iterdir()) if p.is_file() and p.name.startswith(wanted) and p.suffix != ".safetensors"]
+    wanted = (
+        "tokenizer",
+        "special_tokens_map",
+        "generation_config",
+        "vocab",
+        "merges",
+        "chat_template",
+        "preprocessor",
+    )
+    return [
+        p
+        for p in sorted(model_dir.iterdir())
+        if p.is_file() and p.name.startswith(wanted) and p.suffix != ".safetensors"
+    ]
 
 
 def load_config_json(model_dir: Path) -> dict[str, Any]:

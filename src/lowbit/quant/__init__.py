@@ -5,4 +5,14 @@ from lowbit.quant.linear import QuantLinear, QuantSpec
 from lowbit.quant.quantizer import Quantizer
 from lowbit.quant.recipe import PRESETS, Recipe, Rule, load_recipe, preset
 
-__all__ = ["PRESETS", "QuantLinear", "QuantSpec", "Quantizer", "Recipe", "Rule", "load_recipe", "preset", "quantize"]
+__all__ = [
+    "PRESETS",
+    "QuantLinear",
+    "QuantSpec",
+    "Quantizer",
+    "Recipe",
+    "Rule",
+    "load_recipe",
+    "preset",
+    "quantize",
+]

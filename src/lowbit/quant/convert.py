@@ -54,7 +54,9 @@ def convert(root: nn.Module, recipe: Recipe, prefix: str = "") -> dict[str, Quan
     specs = plan(root, recipe, prefix)
     for full in specs:
         name = full[len(prefix) + 1 :] if prefix else full
-        _set_submodule(root, name, QuantLinear(root.get_submodule(name), specs[full]))
+        linear = root.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        _set_submodule(root, name, QuantLinear(linear, specs[full]))
     if recipe.kv_cache is not None:
         for module in root.modules():
             if is_attention(module) and not hasattr(module, "k_quantizer"):
@@ -84,14 +86,16 @@ def all_quantizers(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, Qua
 def set_calibrating(root: nn.Module, flag: bool) -> None:
     """Observe activations (inputs of QuantLinears, K/V) instead of quantizing them."""
     for name, m in root.named_modules():
-        if isinstance(m, QuantLinear):
-            m.calibrating = flag
-        elif isinstance(m, Quantizer) and name.rpartition(".")[2] in KV_QUANTIZERS:
+        if isinstance(m, QuantLinear) or (
+            isinstance(m, Quantizer) and name.rpartition(".")[2] in KV_QUANTIZERS
+        ):
             m.calibrating = flag
 
 
 @torch.no_grad()
-def calibrate_max(root: nn.Module, forward_loop: Callable[[nn.Module], None] | None, prefix: str = "") -> None:
+def calibrate_max(
+    root: nn.Module, forward_loop: Callable[[nn.Module], None] | None, prefix: str = ""
+) -> None:
     """Max calibration: weight amax from the weights, activation amax from `forward_loop(root)`."""
     for _, linear in quant_linears(root):
         linear.calibrate_weight()

@@ -56,7 +56,7 @@ class QuantLinear(nn.Linear):
         self._cache = None
 
     def quantized_weight(self) -> Tensor:
-        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self.weight_quantizer(self.weight)
         key = (self.weight._version, self.weight.data_ptr())
         if self._cache is None or self._cache[0] != key:

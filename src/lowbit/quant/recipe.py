@@ -108,7 +108,9 @@ class Recipe:
         }
 
 
-def _all(weight: ScaledFormat | tuple[ScaledFormat, ...], act: ScaledFormat | None = None) -> tuple[Rule, ...]:
+def _all(
+    weight: ScaledFormat | tuple[ScaledFormat, ...], act: ScaledFormat | None = None
+) -> tuple[Rule, ...]:
     w = weight if isinstance(weight, tuple) else (weight,)
     return (Rule("*", QuantSpec(w, act)),)
 
@@ -152,7 +154,9 @@ def preset(name: str) -> Recipe:
 
 def check_algorithm(name: str) -> str:
     if name not in ALGORITHMS:
-        raise LowbitError(f"unknown algorithm {name!r}{closest(name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}")
+        raise LowbitError(
+            f"unknown algorithm {name!r}{closest(name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}"
+        )
     return name
 
 
@@ -189,8 +193,10 @@ def format_from_data(data: Any, where: str) -> ScaledFormat:
         raise LowbitError(f"{where}: a format is a name or a mapping with a 'format' key, got {data!r}")
     name = str(data["format"])
     if name not in FORMATS:
-        raise LowbitError(f"{where}: unknown format {name!r}{closest(name, list(FORMATS))}; "
-                          f"known formats: {', '.join(FORMATS)}")
+        raise LowbitError(
+            f"{where}: unknown format {name!r}{closest(name, list(FORMATS))}; "
+            f"known formats: {', '.join(FORMATS)}"
+        )
     extra = {k: v for k, v in data.items() if k != "format"}
     allowed = {"group_size", "dynamic", "symmetric"}
     if set(extra) - allowed:
@@ -244,8 +250,10 @@ def load_recipe(path: str | Path) -> Recipe:
 def spec_to_dict(spec: QuantSpec | None) -> dict[str, Any]:
     if spec is None:
         return {"weight": None}
-    return {"weight": [format_to_dict(f) for f in spec.weight],
-            "input": format_to_dict(spec.input) if spec.input else None}
+    return {
+        "weight": [format_to_dict(f) for f in spec.weight],
+        "input": format_to_dict(spec.input) if spec.input else None,
+    }
 
 
 def spec_from_dict(data: dict[str, Any]) -> QuantSpec | None:
