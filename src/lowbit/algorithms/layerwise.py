@@ -39,10 +39,10 @@ from lowbit.models.loading import (
     model_files_for_copy,
     resolve_model,
 )
-from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan, quant_linears
+from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.quantizer import Quantizer
-from lowbit.quant.recipe import Recipe, algorithm_to_run, spec_from_dict, spec_to_dict
+from lowbit.quant.recipe import Recipe, algorithm_to_run, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,24 @@ def auto_batch_size(
     return max(1, min(64, n_samples, fit))
 
 
+@dataclass
+class _Job:
+    """Everything one layer-by-layer run works on."""
+
+    model_dir: Path
+    config: Any
+    reader: SafetensorsReader
+    recipe: Recipe
+    algorithm: str
+    meta: nn.Module
+    layers: nn.ModuleList
+    layers_path: str
+    writer: CheckpointWriter
+    device: torch.device
+    compute_dtype: torch.dtype
+    progress: bool
+
+
 def quantize_checkpoint(
     model: str | Path,
     recipe: Recipe,
@@ -107,9 +125,13 @@ def quantize_checkpoint(
     compute_dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> LayerwiseResult:
-    """Quantize the checkpoint at `model` with `recipe`, calibrating on `calib` (n, seq_len) token ids."""
+    """Quantize the checkpoint at `model` with `recipe`, calibrating on `calib` (n, seq_len) token ids.
+
+    Everything that can be checked without the weights (paths, architecture, every Linear's shape, token
+    ids) is checked before OUTPUT.partial is created; a bad-input error later removes this run's partial
+    output, while a crash keeps it for --resume.
+    """
     start = time.perf_counter()
-    device = torch.device(device)
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
     layers_path = family(config.model_type).layers
@@ -122,7 +144,7 @@ def quantize_checkpoint(
     algorithm = algorithm_to_run(recipe.algorithm)
     if algorithm != recipe.algorithm:
         log.warning(
-            "recipe %s asks for %s, which lowbit does not implement yet: calibrating with %s",
+            "%s asks for %s, not implemented yet: calibrating with %s",
             recipe.name,
             recipe.algorithm,
             algorithm,
@@ -135,7 +157,7 @@ def quantize_checkpoint(
         )
     outside = [
         n for n in plan(meta, recipe) if not n.startswith(layers_path + ".")
-    ]  # also checks every shape
+    ]  # plan checks every shape
     if outside:
         raise LowbitError(
             f"{outside[0]} lies outside the decoder layers, which lowbit quantizes one at a time; "
@@ -144,111 +166,74 @@ def quantize_checkpoint(
     writer = CheckpointWriter(
         output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite
     )
+    job = _Job(model_dir, config, reader, recipe, algorithm, meta, layers, layers_path, writer,
+               torch.device(device), compute_dtype, progress)  # fmt: skip
     try:
-        return _run(
-            meta,
-            layers,
-            layers_path,
-            model_dir,
-            config,
-            reader,
-            recipe,
-            algorithm,
-            writer,
-            calib,
-            device,
-            batch_size,
-            compute_dtype,
-            progress,
-            start,
-        )
+        modules = _run(job, calib, batch_size)
     except LowbitError:
         writer.abandon()
         raise
+    return LayerwiseResult(job.writer.output, algorithm, time.perf_counter() - start, modules)
 
 
-def _run(
-    meta: nn.Module,
-    layers: nn.ModuleList,
-    layers_path: str,
-    model_dir: Path,
-    config: Any,
-    reader: SafetensorsReader,
-    recipe: Recipe,
-    algorithm: str,
-    writer: CheckpointWriter,
-    calib: Tensor,
-    device: torch.device,
-    batch_size: int | None,
-    compute_dtype: torch.dtype,
-    progress: bool,
-    start: float,
-) -> LayerwiseResult:
-    if recipe.kv_cache is not None:
-        use_kv_attention(meta.config)  # type: ignore[arg-type]
-    materialize(meta, reader, "", meta, device, compute_dtype, skip=[layers_path])
+def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
+    config, path = job.config, job.layers_path
+    if job.recipe.kv_cache is not None:
+        use_kv_attention(job.meta.config)  # type: ignore[arg-type]
+    materialize(job.meta, job.reader, "", job.meta, job.device, job.compute_dtype, skip=[path])
+    intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
     bs = batch_size or auto_batch_size(
-        len(calib),
-        calib.shape[1],
-        config.hidden_size,
-        getattr(config, "intermediate_size", 4 * config.hidden_size),
-        device,
+        len(calib), calib.shape[1], config.hidden_size, intermediate, job.device
     )
-    states = _capture_inputs(meta, layers, calib, bs, device)
-    log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], layers_path)
-    if writer.layers_done == 0:
-        writer.write_shell(
-            {k: v for k, v in meta.state_dict().items() if not k.startswith(layers_path + ".")}
+    states = _capture_inputs(job.meta, job.layers, calib, bs, job.device)
+    log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], path)
+    done = job.writer.layers_done
+    if done == 0:
+        job.writer.write_shell(
+            {k: v for k, v in job.meta.state_dict().items() if not k.startswith(path + ".")}
         )
 
     modules: dict[str, Any] = {}
-    done = writer.layers_done
-    bar = tqdm(range(len(layers)), desc="layers", unit="layer", disable=not progress)
+    bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
     for i in bar:
-        prefix = f"{layers_path}.{i}"
-        layer = layers[i]
+        prefix, layer = f"{path}.{i}", job.layers[i]
         orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
         if i < done:
             bar.set_postfix_str(f"replaying {prefix}")
-            weights, stats = writer.read_layer(i)
-            specs = _replay_layer(layer, prefix, weights, stats, writer.fingerprint, device, compute_dtype)
+            specs = _replay_layer(job, layer, i)
         else:
             bar.set_postfix_str(f"calibrating {prefix}")
-            materialize(layer, reader, prefix, meta, device, compute_dtype)
-            specs = convert(layer, recipe, prefix)
-            _check_activations(states, prefix, "inputs")
+            materialize(layer, job.reader, prefix, job.meta, job.device, job.compute_dtype)
+            specs = convert(layer, job.recipe, prefix)
+            _check_activations(states, prefix)
             calibrate_max(layer, _loop_over(states) if _needs_data(layer) else None, prefix)
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
         _advance(layer, states)
         if i >= done:
+            state = layer.state_dict()
             weights = {
-                f"{prefix}.{k}": v.to(orig_dtypes[k])
-                for k, v in layer.state_dict().items()
-                if "_quantizer." not in k
+                f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in state.items() if "_quantizer." not in k
             }
-            stats = {f"{prefix}.{k}": v for k, v in layer.state_dict().items() if "_quantizer." in k}
-            writer.write_layer(i, weights, stats)
+            stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
+            job.writer.write_layer(i, weights, stats)
         layer.to("meta")
     bar.close()
 
     manifest = {
         "lowbit_version": __version__,
-        "source_model": str(model_dir),
+        "source_model": str(job.model_dir),
         "model_type": config.model_type,
-        "recipe": recipe.to_dict(),
-        "algorithm_requested": recipe.algorithm,
-        "algorithm": algorithm,
-        "calibration": {
-            "samples": int(calib.shape[0]),
-            "seq_len": int(calib.shape[1]),
-            "sha256": writer.fingerprint["calib_sha256"],
-        },
-        "layers": layers_path,
-        "num_layers": len(layers),
+        "recipe": job.recipe.to_dict(),
+        "algorithm_requested": job.recipe.algorithm,
+        "algorithm": job.algorithm,
+        "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                        "sha256": job.writer.fingerprint["calib_sha256"]},
+        "layers": path,
+        "num_layers": len(job.layers),
         "modules": modules,
-    }
-    out = writer.finish(manifest, load_config_json(model_dir), model_files_for_copy(model_dir))
-    return LayerwiseResult(out, algorithm, time.perf_counter() - start, modules)
+    }  # fmt: skip
+    job.writer.finish(manifest, load_config_json(job.model_dir), model_files_for_copy(job.model_dir))
+    return modules
 
 
 @torch.no_grad()
@@ -299,33 +284,23 @@ def _advance(layer: nn.Module, states: list[tuple[Tensor, dict[str, Any]]]) -> N
         states[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
 
 
-def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str, what: str) -> None:
+def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str) -> None:
     for hidden, _ in states:
         if not torch.isfinite(hidden).all():
             raise LowbitError(
-                f"{prefix}: NaN or Inf in its {what} during calibration; the model overflows "
+                f"{prefix}: NaN or Inf in its inputs during calibration; the model overflows "
                 "in this dtype or its weights are damaged: check the checkpoint"
             )
 
 
-def _replay_layer(
-    layer: nn.Module,
-    prefix: str,
-    weights: dict[str, Tensor],
-    stats: dict[str, Tensor],
-    fp: dict[str, Any],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[str, Any]:
-    layer.to_empty(device=device)
+def _replay_layer(job: _Job, layer: nn.Module, i: int) -> dict[str, Any]:
+    """A finished layer from OUTPUT.partial, quantized as it was written (for --resume)."""
+    prefix = f"{job.layers_path}.{i}"
+    weights, stats = job.writer.read_layer(i)
+    layer.to_empty(device=job.device)
     layer.load_state_dict({k[len(prefix) + 1 :]: v for k, v in weights.items()}, strict=False)
-    layer.to(dtype)
-    from lowbit.quant.recipe import recipe_from_dict
-
-    recipe = recipe_from_dict(fp["recipe"])
-    specs = convert(layer, recipe, prefix)
+    layer.to(job.compute_dtype)
+    specs = convert(layer, job.recipe, prefix)
     load_quantizer_stats(layer, stats, prefix)
-    for _, linear in quant_linears(layer):
-        linear._cache = None
     check_calibrated(layer, prefix)
-    return {name: spec_from_dict(spec_to_dict(s)) for name, s in specs.items()}
+    return specs
