@@ -15,6 +15,7 @@ from lowbit.formats.elements import (
     decode_e8m0,
     encode,
     encode_e8m0,
+    round_minifloat_reference,
     round_to_grid,
 )
 
@@ -96,3 +97,14 @@ def test_int_round_half_even_and_clamp(element):
     assert q[5] == element.qmax and q[6] == element.qmin
     codes = torch.arange(element.qmin, element.qmax + 1).float()
     assert torch.equal(decode(encode(codes, element), element), codes)
+
+
+@pytest.mark.parametrize("element", [E4M3, E5M2, E2M1])
+def test_fast_rounding_equals_reference_at_every_midpoint_and_on_a_sweep(element):
+    grid = torch.tensor(sorted({float(v) for v in decode(torch.arange(2 ** element.bits, dtype=torch.uint8)
+                                                            .view(element.torch_dtype or torch.uint8), element)
+                                if abs(float(v)) < float("inf")}))
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]),
+                   torch.linspace(-2 * element.max_norm, 2 * element.max_norm, 200001), torch.zeros(1), -torch.zeros(1)])
+    assert torch.equal(round_to_grid(x, element), round_minifloat_reference(x, element))

@@ -82,13 +82,28 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of code & 0x
 
 
 def round_to_grid(x: Tensor, element: Element) -> Tensor:
-    """Round float32 `x` to the nearest value of `element` (ties to even), saturating at its range."""
+    """Round float32 `x` to the nearest value of `element` (ties to even), saturating at its range.
+
+    Fast paths: torch's float8 casts (round to nearest even) after clamping, and a boundary search for
+    E2M1; `round_minifloat_reference` is the definition they are tested against.
+    """
     if isinstance(element, IntElement):
         return torch.round(x).clamp_(element.qmin, element.qmax)
-    return _round_minifloat(x, element)
+    if element.torch_dtype is not None:
+        return x.clamp(-element.max_norm, element.max_norm).to(element.torch_dtype).to(x.dtype)
+    if element is E2M1:
+        return _round_e2m1(x)
+    return round_minifloat_reference(x, element)
 
 
-def _round_minifloat(x: Tensor, el: FloatElement) -> Tensor:
+def _round_e2m1(x: Tensor) -> Tensor:
+    index = torch.bucketize(x.abs(), _E2M1_BOUNDARIES.to(x.device))
+    mag = _E2M1_GRID.to(x.device, x.dtype)[index]
+    return torch.where(x < 0, -mag, mag)
+
+
+def round_minifloat_reference(x: Tensor, el: FloatElement) -> Tensor:
+    """Reference rounding for any minifloat: the step of x's binade, round half to even, saturate."""
     # x = m * 2**exp with m in [0.5, 1): the binade of x is exp - 1, floored at the subnormal range.
     _, exp = torch.frexp(x)
     binade = (exp - 1).clamp_(min=el.min_exp)
@@ -131,6 +146,13 @@ def decode_e8m0(codes: Tensor) -> Tensor:
     value = torch.exp2(codes.to(torch.float32) - E8M0.bias)
     return torch.where(codes == 255, torch.full_like(value, float("nan")), value)
 
+
+# Midpoints between E2M1 magnitudes. bucketize counts the boundaries strictly below |x|, so a tie stays
+# low; the midpoints whose tie must go up to an even code (0.75 -> 1, 1.75 -> 2, 3.5 -> 4) move one ulp
+# down so that the tie counts as above them.
+_E2M1_GRID = torch.tensor(E2M1_VALUES)
+_E2M1_BOUNDARIES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_E2M1_BOUNDARIES[1::2] = torch.nextafter(_E2M1_BOUNDARIES[1::2], torch.zeros(3))
 
 # (2 * |value|) -> index into E2M1_VALUES; only the 8 grid entries are ever looked up.
 _E2M1_INDEX_BY_DOUBLE = torch.zeros(13, dtype=torch.uint8)
