@@ -25,6 +25,7 @@ class MetricSums:
     kl: float = 0.0
     agree: int = 0
     tokens: int = 0
+    has_base: bool = False
 
     @torch.no_grad()
     def add(self, logits: Tensor, input_ids: Tensor, base_logits: Tensor | None = None) -> None:
@@ -35,13 +36,14 @@ class MetricSums:
         self.tokens += labels.numel()
         if base_logits is None:
             return
+        self.has_base = True
         base_logp = F.log_softmax(base_logits[:, :-1].float(), dim=-1)
         self.base_nll -= float(base_logp.gather(-1, labels).sum())
         self.kl += float((base_logp.exp() * (base_logp - logp)).sum())
         self.agree += int((base_logp.argmax(-1) == logp.argmax(-1)).sum())
 
     def result(self) -> dict[str, float | int | None]:
-        has_base = self.base_nll > 0
+        has_base = self.has_base
         n = max(self.tokens, 1)
         return {
             "ppl": math.exp(self.nll / n),
