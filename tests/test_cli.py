@@ -131,6 +131,14 @@ def _nan_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _missing_tensor(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 BAD = {
     "missing path": (lambda m, t, d: _quant_args(Path("./no/such/model"), t, d / "o"), "does not exist"),
     "unreachable hub id": (
@@ -142,6 +150,7 @@ BAD = {
         "truncated or corrupt",
     ),
     "nan weights": (lambda m, t, d: _quant_args(_nan_model(m, d / "n"), t, d / "o"), "NaN or Inf"),
+    "missing tensor": (lambda m, t, d: _quant_args(_missing_tensor(m, d / "m"), t, d / "o"), "is missing from"),
     "unknown preset": (
         lambda m, t, d: _quant_args(m, t, d / "o", "--qformat", "nvfp5"),
         "did you mean 'nvfp4'",

@@ -73,3 +73,13 @@ def test_families_quantize_layerwise(tiny_factory, calib_ids, tmp_path, model_ty
     assert len(manifest["modules"]) == 14
     with torch.no_grad():
         assert torch.isfinite(model(calib_ids[:2]).logits).all()
+
+
+def test_tied_embeddings_are_stored_once_and_tied_on_load(tiny_factory, calib_ids, tmp_path):
+    from safetensors.torch import load_file
+
+    path = tiny_factory("qwen3", 1, tie_word_embeddings=True)
+    out = quantize_checkpoint(path, preset("fp8"), tmp_path / "tied", calib_ids, progress=False).output
+    assert "lm_head.weight" not in load_file(str(out / "model-shell.safetensors"))
+    model, _ = load_model(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

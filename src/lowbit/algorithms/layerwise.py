@@ -189,9 +189,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], path)
     done = job.writer.layers_done
     if done == 0:
-        job.writer.write_shell(
-            {k: v for k, v in job.meta.state_dict().items() if not k.startswith(path + ".")}
-        )
+        job.writer.write_shell(_shell_tensors(job.meta, path))
 
     modules: dict[str, Any] = {}
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
@@ -234,6 +232,18 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     }  # fmt: skip
     job.writer.finish(manifest, load_config_json(job.model_dir), model_files_for_copy(job.model_dir))
     return modules
+
+
+def _shell_tensors(meta: nn.Module, layers_path: str) -> dict[str, Tensor]:
+    """Tensors outside the decoder layers, each stored once (tied embeddings are re-tied on load)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in meta.state_dict().items():
+        if name.startswith(layers_path + ".") or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor
+    return out
 
 
 @torch.no_grad()

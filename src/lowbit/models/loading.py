@@ -160,16 +160,7 @@ def materialize(
             init(sub)
     state = dict(module.state_dict())
     names = {f"{prefix}.{k}" if prefix else k: k for k in state}
-    present = [n for n in names if n in reader.file_of]
-    tensors = reader.read(present)
-    missing = [names[n] for n in names if n not in reader.file_of]
-    tied = _tied_names(model, prefix)
-    if any(m not in tied for m in missing):
-        bad = next(m for m in missing if m not in tied)
-        raise LowbitError(
-            f"{reader.dir}: tensor {prefix + '.' if prefix else ''}{bad} is missing from the checkpoint; "
-            "the checkpoint does not match its config.json"
-        )
+    tensors = reader.read([n for n in names if n in reader.file_of])
     for full, tensor in tensors.items():
         target = state[names[full]]
         if target.shape != tensor.shape:
@@ -182,18 +173,36 @@ def materialize(
             )
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        _tie_or_fail(module, model, names, tensors, missing, reader)
     if dtype is not None:
         module.to(dtype)
     for name, sub in skipped.items():
         _replace(module, name, sub)
 
 
-def _tied_names(model: nn.Module, prefix: str) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or getattr(model, "all_tied_weights_keys", None) or {}
-    keys = tied.keys() if isinstance(tied, dict) else tied
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    return {k[len(prefix) + 1 :] if prefix and k.startswith(prefix + ".") else k for k in keys}
+def _tie_or_fail(
+    module: nn.Module,
+    model: nn.Module,
+    names: dict[str, str],
+    loaded: dict[str, torch.Tensor],
+    missing: list[str],
+    reader: SafetensorsReader,
+) -> None:
+    """to_empty unties shared parameters: re-tie them (tied embeddings), then require every tensor that the
+    checkpoint lacks to share storage with one it has."""
+    tie = getattr(model, "tie_weights", None)
+    if tie is not None:
+        tie()
+    state = module.state_dict()
+    loaded_ptrs = {state[names[n]].data_ptr() for n in loaded}
+    for full in missing:
+        if state[names[full]].data_ptr() not in loaded_ptrs:
+            raise LowbitError(
+                f"{reader.dir}: tensor {full} is missing from the checkpoint; the checkpoint does not match its "
+                "config.json"
+            )
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
