@@ -308,7 +308,7 @@ def _replay_layer(job: _Job, layer: nn.Module, i: int) -> dict[str, Any]:
     prefix = f"{job.layers_path}.{i}"
     weights, stats = job.writer.read_layer(i)
     layer.to_empty(device=job.device)
-    layer.load_state_dict({k[len(prefix) + 1 :]: v for k, v in weights.items()}, strict=False)
+    layer.load_state_dict({k[len(prefix) + 1 :]: v for k, v in weights.items()}, strict=True)
     layer.to(job.compute_dtype)
     specs = convert(layer, job.recipe, prefix)
     load_quantizer_stats(layer, stats, prefix)
