@@ -37,7 +37,9 @@ from lowbit.models.loading import (
     load_config_json,
     materialize,
     model_files_for_copy,
+    release,
     resolve_model,
+    trim_heap,
 )
 from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan
 from lowbit.quant.kv import use_kv_attention
@@ -85,12 +87,18 @@ def fingerprint(model_dir: Path, recipe: Recipe, calib: Tensor) -> dict[str, Any
     }
 
 
+CPU_BATCH_TOKENS = 2048  # enough rows for efficient CPU matmuls; more only raises peak memory
+
+
 def auto_batch_size(
     n_samples: int, seq_len: int, hidden: int, intermediate: int, device: torch.device
 ) -> int:
-    """Largest batch whose layer-forward temporaries fit in a quarter of free memory (at most 64)."""
+    """Calibration batch: layer-forward temporaries within a quarter of free memory, at most 64 samples;
+    on CPU also at most CPU_BATCH_TOKENS tokens, since bigger batches there cost memory and gain no speed."""
     per_sample = seq_len * (8 * hidden + 3 * intermediate) * 4
     fit = int(free_memory_bytes(device) * 0.25 // max(per_sample, 1))
+    if device.type == "cpu":
+        fit = min(fit, CPU_BATCH_TOKENS // seq_len)
     return max(1, min(64, n_samples, fit))
 
 
@@ -180,16 +188,23 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     config, path = job.config, job.layers_path
     if job.recipe.kv_cache is not None:
         use_kv_attention(job.meta.config)  # type: ignore[arg-type]
-    materialize(job.meta, job.reader, "", job.meta, job.device, job.compute_dtype, skip=[path])
+    done = job.writer.layers_done
+    if done == 0:  # the shell is copied as stored; only what runs before layer 0 is materialized
+        shell = [n for n in job.reader.names() if not n.startswith(path + ".")]
+        job.writer.write_shell(job.reader.read(shell))
+    head = _output_head_name(job.meta)
+    # stored dtype; the embedding output is cast to the compute dtype (exact for bf16/fp16 -> fp32)
+    materialize(job.meta, job.reader, "", job.meta, job.device, skip=[path, *head])
+    embed = job.meta.get_input_embeddings()  # type: ignore[operator]
+    cast = embed.register_forward_hook(lambda m, args, out: out.to(job.compute_dtype))
     intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
     bs = batch_size or auto_batch_size(
         len(calib), calib.shape[1], config.hidden_size, intermediate, job.device
     )
     states = _capture_inputs(job.meta, job.layers, calib, bs, job.device)
+    cast.remove()
     log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], path)
-    done = job.writer.layers_done
-    if done == 0:
-        job.writer.write_shell(_shell_tensors(job.meta, path))
+    release(job.meta, skip=[path])  # nothing outside the layers is needed past layer 0's inputs
 
     modules: dict[str, Any] = {}
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
@@ -215,6 +230,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
             job.writer.write_layer(i, weights, stats)
         layer.to("meta")
+        trim_heap()
     bar.close()
 
     manifest = {
@@ -234,16 +250,12 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     return modules
 
 
-def _shell_tensors(meta: nn.Module, layers_path: str) -> dict[str, Tensor]:
-    """Tensors outside the decoder layers, each stored once (tied embeddings are re-tied on load)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in meta.state_dict().items():
-        if name.startswith(layers_path + ".") or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor
-    return out
+def _output_head_name(model: nn.Module) -> list[str]:
+    """[name of the output projection (lm_head)], which calibration never runs; [] if it is tied."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
+    if head is None or head.weight is model.get_input_embeddings().weight:  # type: ignore[operator]
+        return []
+    return [name for name, m in model.named_modules() if m is head][:1]
 
 
 @torch.no_grad()

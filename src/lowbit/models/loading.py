@@ -7,6 +7,8 @@ their memory maps never accumulate in the resident set.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import re
 from collections.abc import Iterable
@@ -180,6 +182,23 @@ def materialize(
         module.to(dtype)
     for name, sub in skipped.items():
         _replace(module, name, sub)
+
+
+def release(module: nn.Module, skip: Iterable[str] = ()) -> None:
+    """Return `module`'s storage (all but the `skip` children) to the meta device, freeing its memory."""
+    skipped = {name: module.get_submodule(name) for name in skip}
+    for name in skipped:
+        _replace(module, name, nn.Module())
+    module.to("meta")
+    for name, sub in skipped.items():
+        _replace(module, name, sub)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, inflating the resident set)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _tie_or_fail(

@@ -31,6 +31,8 @@ class QuantLinear(nn.Linear):
     `input_quantizer.{amax,global_amax}`. The fake-quantized weight is cached until the weight changes.
     """
 
+    _qweight: Tensor | None
+
     def __init__(self, linear: nn.Linear, spec: QuantSpec) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -39,7 +41,9 @@ class QuantLinear(nn.Linear):
         self.spec = spec
         self.weight_quantizer = QuantizerChain(spec.weight)
         self.input_quantizer = Quantizer(spec.input) if spec.input is not None else None
-        self._cache: tuple[tuple[int, int], Tensor] | None = None
+        # The fake-quantized weight, a non-persistent buffer so that .to() moves or frees it with the layer.
+        self.register_buffer("_qweight", None, persistent=False)
+        self._qweight_key: tuple[int, int] | None = None
         self.calibrating = False  # while True: observe inputs, compute with the float weight
 
     def extra_repr(self) -> str:
@@ -53,16 +57,18 @@ class QuantLinear(nn.Linear):
             q.amax = q.global_amax = q.amin = None
             q.observe(w)
             w = q(w)
-        self._cache = None
+        self._qweight = None
 
     def quantized_weight(self) -> Tensor:
         if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self.weight_quantizer(self.weight)
         key = (self.weight._version, self.weight.data_ptr())
-        if self._cache is None or self._cache[0] != key:
+        if self._qweight is None or self._qweight_key != key or self._qweight.device != self.weight.device:
             with torch.no_grad():
-                self._cache = (key, self.weight_quantizer(self.weight))
-        return self._cache[1]
+                self._qweight = self.weight_quantizer(self.weight)
+            self._qweight_key = key
+        assert self._qweight is not None
+        return self._qweight
 
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating:
