@@ -1,0 +1,81 @@
+"""Every lowbit preset on one model: perplexity, KL from the BF16 model, top-1 agreement, time.
+
+Protocol (shared with benchmarks/peers/): calibration = `calibration_windows(calib, tok, 512, 512, seed 0)`;
+evaluation = every consecutive 512-token window of the eval text, base and quantized model both run in
+float32 from the BF16 checkpoint.
+
+    python benchmarks/ptq_presets.py --model ../shared/models/pydocs-llama \
+        --calib ../shared/data/pydocs/calib.txt --eval ../shared/data/pydocs/eval.txt \
+        --out benchmarks/results/lowbit-pydocs-max.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from lowbit.algorithms.layerwise import quantize_checkpoint
+from lowbit.checkpoint.load import load_model
+from lowbit.data.text import calibration_windows, eval_windows
+from lowbit.eval.metrics import MetricSums
+from lowbit.quant.recipe import PRESETS, preset
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--presets", default=",".join(n for n in PRESETS if n != "no_quant"))
+    p.add_argument("--kv-cache", default=None)
+    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    calib = calibration_windows(args.calib, tok, args.calib_size, args.calib_seq_len, seed=0)
+    windows = eval_windows(args.eval, tok, args.seq_len)
+    base, _ = load_model(args.model)
+    with torch.no_grad():
+        base_logits = [base(b, use_cache=False).logits for b in windows.split(args.batch_size)]
+    work = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with out.open("w") as f:
+            for name in args.presets.split(","):
+                recipe = preset(name).with_kv_cache(args.kv_cache) if args.kv_cache else preset(name)
+                start = time.perf_counter()
+                res = quantize_checkpoint(args.model, recipe, work / name, calib, progress=False)
+                seconds = time.perf_counter() - start
+                model, _ = load_model(res.output)
+                sums = MetricSums()
+                with torch.no_grad():
+                    for b, bl in zip(windows.split(args.batch_size), base_logits, strict=True):
+                        sums.add(model(b, use_cache=False).logits, b, bl)
+                row = {"tool": "lowbit", "preset": name, "algorithm": res.algorithm, "kv_cache": args.kv_cache,
+                       **sums.result(), "quant_seconds": round(seconds, 2),
+                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+                print(json.dumps(row), flush=True)
+                f.write(json.dumps(row) + "\n")
+                shutil.rmtree(work / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
