@@ -97,9 +97,10 @@ def round_to_grid(x: Tensor, element: Element) -> Tensor:
 
 
 def _round_e2m1(x: Tensor) -> Tensor:
-    index = torch.bucketize(x.abs(), _E2M1_BOUNDARIES.to(x.device))
-    mag = _E2M1_GRID.to(x.device, x.dtype)[index]
-    return torch.where(x < 0, -mag, mag)
+    # E2M1 magnitudes step by 0.5 below 2, by 1 in [2, 4), by 2 from 4 to the maximum 6.
+    mag = x.abs()
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0)).to(x.dtype)
+    return torch.copysign((torch.round(mag / step) * step).clamp_(max=6.0), x)
 
 
 def round_minifloat_reference(x: Tensor, el: FloatElement) -> Tensor:
@@ -146,13 +147,6 @@ def decode_e8m0(codes: Tensor) -> Tensor:
     value = torch.exp2(codes.to(torch.float32) - E8M0.bias)
     return torch.where(codes == 255, torch.full_like(value, float("nan")), value)
 
-
-# Midpoints between E2M1 magnitudes. bucketize counts the boundaries strictly below |x|, so a tie stays
-# low; the midpoints whose tie must go up to an even code (0.75 -> 1, 1.75 -> 2, 3.5 -> 4) move one ulp
-# down so that the tie counts as above them.
-_E2M1_GRID = torch.tensor(E2M1_VALUES)
-_E2M1_BOUNDARIES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_E2M1_BOUNDARIES[1::2] = torch.nextafter(_E2M1_BOUNDARIES[1::2], torch.zeros(3))
 
 # (2 * |value|) -> index into E2M1_VALUES; only the 8 grid entries are ever looked up.
 _E2M1_INDEX_BY_DOUBLE = torch.zeros(13, dtype=torch.uint8)
