@@ -23,6 +23,13 @@ def fmt(value: object, digits: int = 5) -> str:
     return str(value)
 
 
+def label(config: object) -> str:
+    """Short name of a peer's configuration (its config constant or scheme)."""
+    if isinstance(config, dict):
+        return str(config.get("config") or config.get("scheme") or "")
+    return str(config or "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("lowbit", type=Path)
@@ -42,11 +49,11 @@ def main() -> None:
     for r in ours:
         for q in (q for q in peers if q["preset"] == r["preset"]):
             if q.get("error"):
-                print(f"| {r['preset']} | {fmt(r['kl'], 4)} | {q['tool']} | {q.get('peer_config', '')} | "
+                print(f"| {r['preset']} | {fmt(r['kl'], 4)} | {q['tool']} | {label(q.get('peer_config'))} | "
                       f"error: {q['error'][:90]} | - | - |")
                 continue
             ratio = r["kl"] / q["kl"] if q["kl"] else float("inf")
-            print(f"| {r['preset']} | {fmt(r['kl'], 4)} | {q['tool']} | {q.get('peer_config', '')} | "
+            print(f"| {r['preset']} | {fmt(r['kl'], 4)} | {q['tool']} | {label(q.get('peer_config'))} | "
                   f"{fmt(q['kl'], 4)} | {ratio:.3f} | {'yes' if ratio <= 1.5 else 'NO'} |")
 
 
