@@ -21,8 +21,24 @@ def test_quantize_with_no_model_uses_the_builtin_one(tmp_path, capsys, monkeypat
 
 
 def test_demo_prints_the_comparison_table(capsys):
-    code = main(["demo", "--presets", "fp8,nvfp4", "--calib-size", "4", "--calib-seq-len", "32", "--seq-len", "32",
-                 "--max-samples", "2", "--device", "cpu", "-q"])
+    code = main(
+        [
+            "demo",
+            "--presets",
+            "fp8,nvfp4",
+            "--calib-size",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--seq-len",
+            "32",
+            "--max-samples",
+            "2",
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     header = next(line for line in out.splitlines() if line.startswith("preset"))

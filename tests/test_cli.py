@@ -150,7 +150,10 @@ BAD = {
         "truncated or corrupt",
     ),
     "nan weights": (lambda m, t, d: _quant_args(_nan_model(m, d / "n"), t, d / "o"), "NaN or Inf"),
-    "missing tensor": (lambda m, t, d: _quant_args(_missing_tensor(m, d / "m"), t, d / "o"), "is missing from"),
+    "missing tensor": (
+        lambda m, t, d: _quant_args(_missing_tensor(m, d / "m"), t, d / "o"),
+        "is missing from",
+    ),
     "unknown preset": (
         lambda m, t, d: _quant_args(m, t, d / "o", "--qformat", "nvfp5"),
         "did you mean 'nvfp4'",

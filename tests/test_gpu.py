@@ -12,8 +12,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("name", ["fp8", "nvfp4", "int4_awq"])
 def test_cuda_matches_cpu(tiny_llama, calib_ids, tmp_path, name):
-    cpu = quantize_checkpoint(tiny_llama, preset(name), tmp_path / "cpu", calib_ids, device="cpu", progress=False)
-    gpu = quantize_checkpoint(tiny_llama, preset(name), tmp_path / "gpu", calib_ids, device="cuda", progress=False)
+    cpu = quantize_checkpoint(
+        tiny_llama, preset(name), tmp_path / "cpu", calib_ids, device="cpu", progress=False
+    )
+    gpu = quantize_checkpoint(
+        tiny_llama, preset(name), tmp_path / "gpu", calib_ids, device="cuda", progress=False
+    )
     a, _ = load_model(cpu.output)
     b, _ = load_model(gpu.output, "cuda")
     ids = calib_ids[:2]

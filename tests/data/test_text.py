@@ -56,5 +56,5 @@ def test_fewer_windows_than_asked_uses_all(tmp_path, tok):
 
 
 def test_dataset_name_that_is_not_available_is_a_clear_error():
-    with pytest.raises(LowbitError, match="not a file|local datasets cache"):
+    with pytest.raises(LowbitError, match=r"not a file|local datasets cache"):
         read_texts("no-such-org-xyz/no-such-dataset")

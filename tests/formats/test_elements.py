@@ -101,10 +101,28 @@ def test_int_round_half_even_and_clamp(element):
 
 @pytest.mark.parametrize("element", [E4M3, E5M2, E2M1])
 def test_fast_rounding_equals_reference_at_every_midpoint_and_on_a_sweep(element):
-    grid = torch.tensor(sorted({float(v) for v in decode(torch.arange(2 ** element.bits, dtype=torch.uint8)
-                                                            .view(element.torch_dtype or torch.uint8), element)
-                                if abs(float(v)) < float("inf")}))
+    grid = torch.tensor(
+        sorted(
+            {
+                float(v)
+                for v in decode(
+                    torch.arange(2**element.bits, dtype=torch.uint8).view(element.torch_dtype or torch.uint8),
+                    element,
+                )
+                if abs(float(v)) < float("inf")
+            }
+        )
+    )
     mids = (grid[1:] + grid[:-1]) / 2
-    x = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]),
-                   torch.linspace(-2 * element.max_norm, 2 * element.max_norm, 200001), torch.zeros(1), -torch.zeros(1)])
+    x = torch.cat(
+        [
+            grid,
+            mids,
+            torch.nextafter(mids, grid[1:]),
+            torch.nextafter(mids, grid[:-1]),
+            torch.linspace(-2 * element.max_norm, 2 * element.max_norm, 200001),
+            torch.zeros(1),
+            -torch.zeros(1),
+        ]
+    )
     assert torch.equal(round_to_grid(x, element), round_minifloat_reference(x, element))

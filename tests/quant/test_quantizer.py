@@ -56,3 +56,14 @@ def test_in_memory_quantize_api_on_tiny_model(tiny_llama, calib_ids):
     assert attn.k_quantizer.amax is not None and attn.v_quantizer.amax is not None
     out = model(calib_ids[:2]).logits
     assert not torch.equal(out, base) and torch.isfinite(out).all()
+
+
+def test_bake_keeps_the_output_and_frees_the_float_weight():
+    lin = nn.Linear(256, 64)
+    ql = QuantLinear(lin, QuantSpec((INT4_G128,)))
+    calibrate_max(ql, None)
+    x = torch.randn(3, 256)
+    before = ql(x)
+    ql.bake()
+    assert torch.equal(ql(x), before) and torch.equal(ql.weight, fake_quant(ql.weight, INT4_G128))
+    assert ql._qweight is None

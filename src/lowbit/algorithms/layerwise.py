@@ -41,7 +41,7 @@ from lowbit.models.loading import (
     resolve_model,
     trim_heap,
 )
-from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan
+from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan, quant_linears
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.quantizer import Quantizer
 from lowbit.quant.recipe import Recipe, algorithm_to_run, spec_to_dict
@@ -221,7 +221,6 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             _check_activations(states, prefix)
             calibrate_max(layer, _loop_over(states) if _needs_data(layer) else None, prefix)
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
-        _advance(layer, states)
         if i >= done:
             state = layer.state_dict()
             weights = {
@@ -229,6 +228,10 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             }
             stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
             job.writer.write_layer(i, weights, stats)
+            del state, weights, stats
+        for _, linear in quant_linears(layer):
+            linear.bake()  # the float weights are on disk: advance with one copy of the layer
+        _advance(layer, states)
         layer.to("meta")
         trim_heap()
     bar.close()

@@ -45,6 +45,7 @@ class QuantLinear(nn.Linear):
         self.register_buffer("_qweight", None, persistent=False)
         self._qweight_key: tuple[int, int] | None = None
         self.calibrating = False  # while True: observe inputs, compute with the float weight
+        self.baked = False  # True once the weight holds its own fake-quantized values (see bake)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.spec.describe()}"
@@ -59,7 +60,20 @@ class QuantLinear(nn.Linear):
             w = q(w)
         self._qweight = None
 
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Overwrite the weight with its fake-quantized values and skip the weight quantizer from then on.
+
+        For forward-only use once the float weight is saved elsewhere (the layer-by-layer driver): the
+        layer then holds one copy of its weights instead of the float weight plus a cached quantized one.
+        """
+        self.weight.data = self.weight_quantizer(self.weight).to(self.weight.dtype)
+        self._qweight = None
+        self.baked = True
+
     def quantized_weight(self) -> Tensor:
+        if self.baked:
+            return self.weight
         if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self.weight_quantizer(self.weight)
         key = (self.weight._version, self.weight.data_ptr())
