@@ -15,6 +15,8 @@ import argparse
 import json
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,16 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--calib", required=True)
     p.add_argument("--eval", required=True)
-    p.add_argument("--presets", default=",".join(n for n in PRESETS if n != "no_quant"))
+    p.add_argument(
+        "--presets",
+        default=",".join(n for n in PRESETS if n != "no_quant"),
+        help="comma-separated presets, each optionally PRESET:ALGORITHM (int4_awq:awq_full+gptq)",
+    )
+    p.add_argument(
+        "--param", action="append", default=[], help="algorithm parameter KEY=VALUE (sq_alpha=0.8)"
+    )
+    p.add_argument("--eval-samples", type=int, default=None, help="first N eval windows only (quick runs)")
+    p.add_argument("--isolate", action="store_true", help="one subprocess per run (peak RSS per run)")
     p.add_argument("--kv-cache", default=None)
     p.add_argument("--calib-size", type=int, default=512)
     p.add_argument("--calib-seq-len", type=int, default=512)
@@ -43,12 +54,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.isolate:
+        isolate(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
     tok = AutoTokenizer.from_pretrained(args.model)
     calib = calibration_windows(args.calib, tok, args.calib_size, args.calib_seq_len, seed=0)
     windows = eval_windows(args.eval, tok, args.seq_len)
+    if args.eval_samples:
+        windows = windows[: args.eval_samples]
     base, _ = load_model(args.model)
     with torch.no_grad():
         base_logits = [base(b, use_cache=False).logits for b in windows.split(args.batch_size)]
@@ -57,8 +73,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with out.open("w") as f:
-            for name in args.presets.split(","):
+            for entry in args.presets.split(","):
+                name, _, algorithm = entry.partition(":")
                 recipe = preset(name).with_kv_cache(args.kv_cache) if args.kv_cache else preset(name)
+                if algorithm:
+                    recipe = recipe.with_algorithm(algorithm)
+                if args.param:
+                    recipe = recipe.with_params(**dict(_param(kv) for kv in args.param))
                 start = time.perf_counter()
                 res = quantize_checkpoint(args.model, recipe, work / name, calib, progress=False)
                 seconds = time.perf_counter() - start
@@ -67,14 +88,62 @@ def main() -> None:
                 with torch.no_grad():
                     for b, bl in zip(windows.split(args.batch_size), base_logits, strict=True):
                         sums.add(model(b, use_cache=False).logits, b, bl)
-                row = {"tool": "lowbit", "preset": name, "algorithm": res.algorithm, "kv_cache": args.kv_cache,
-                       **sums.result(), "quant_seconds": round(seconds, 2),
-                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+                row = {
+                    "tool": "lowbit",
+                    "preset": name,
+                    "algorithm": res.algorithm,
+                    "kv_cache": args.kv_cache,
+                    "params": recipe.params.to_dict(),
+                    **sums.result(),
+                    "quant_seconds": round(seconds, 2),
+                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                }
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
                 shutil.rmtree(work / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _param(kv: str) -> tuple[str, object]:
+    key, _, value = kv.partition("=")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def isolate(args: argparse.Namespace) -> None:
+    """Run each entry in its own process (so ru_maxrss is that run's) and gather the rows into --out."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [a for a in sys.argv[1:] if a != "--isolate"]
+    rows = []
+    for entry in args.presets.split(","):
+        part = Path(tempfile.mkstemp(suffix=".jsonl")[1])
+        cmd = [sys.executable, __file__, *_replace(argv, {"--presets": entry, "--out": str(part)})]
+        subprocess.run(cmd, check=False)
+        rows += [line for line in part.read_text().splitlines() if line.strip()]
+        part.unlink()
+        out.write_text("".join(r + "\n" for r in rows))
+
+
+def _replace(argv: list[str], values: dict[str, str]) -> list[str]:
+    res, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in values:
+            skip = "=" not in a
+            continue
+        res.append(a)
+    for k, v in values.items():
+        res += [k, v]
+    return res
 
 
 if __name__ == "__main__":

@@ -94,8 +94,11 @@ def test_megatron_bridge_spellings_and_algorithm_report(tiny_llama, text_file, t
         "--calib-seq-len",
         "32",
     )
-    assert code == 0 and "algorithm max (awq_lite requested; not implemented yet)" in stdout
-    assert json.loads((out / "lowbit.json").read_text())["algorithm"] == "max"
+    assert code == 0 and "algorithm awq_lite" in stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["algorithm"] == "awq_lite"
+    errors = manifest["errors"]["model.layers.0.mlp.down_proj"]
+    assert 0 < errors["after"] <= errors["before"]
 
 
 def test_eval_plain_model_gives_ppl_only(tiny_llama, text_file, capsys):
@@ -215,3 +218,36 @@ def test_group_size_that_does_not_divide_names_layer_and_fix(tiny_factory, text_
         *_quant_args(model, text_file, tmp_path / "o", "--qformat", "int4_awq", "--exclude", "*down_proj"),
     )
     assert code == 0
+
+
+def test_algorithm_and_its_parameters_from_the_command_line_and_the_error_report(
+    tiny_llama, text_file, tmp_path, capsys
+):
+    out = tmp_path / "gptq"
+    argv = _quant_args(tiny_llama, text_file, out, "--qformat", "int4_awq", "--algorithm", "awq+gptq",
+                       "--sq-alpha", "0.7", "--gptq-damp", "0.02", "--no-gptq-act-order")  # fmt: skip
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and "algorithm awq_lite+gptq" in stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    params = manifest["recipe"]["algorithm_params"]
+    assert params["sq_alpha"] == 0.7 and params["gptq_damp"] == 0.02 and params["gptq_act_order"] is False
+
+    code, stdout, _ = run(capsys, "inspect", str(out))
+    assert code == 0 and "out err RTN dB" in stdout
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("model.layers.0.mlp.down_proj"))
+    rtn_db, alg_db = (float(v) for v in line.split()[-2:])
+    assert alg_db < rtn_db < 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--algorithm", "gptqq"], "unknown algorithm 'gptqq' (did you mean 'gptq'?)"),
+        (["--algorithm", "smoothquant+awq"], "SmoothQuant and AWQ both smooth"),
+    ],
+)
+def test_bad_algorithm_is_a_one_line_error(tiny_llama, text_file, tmp_path, capsys, flag, message):
+    code, _, err = run(
+        capsys, *_quant_args(tiny_llama, text_file, tmp_path / "x", "--qformat", "int4_awq", *flag)
+    )
+    assert code == 2 and message in err and not (tmp_path / "x").exists()

@@ -49,7 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--exclude", action="append", default=[], metavar="GLOB", help="leave matching modules unquantized"
     )
-    q.add_argument("--algorithm", default=None, help="calibration algorithm (default: the preset's)")
+    q.add_argument(
+        "--algorithm",
+        default=None,
+        help="calibration algorithm (default: the preset's): max, smoothquant, awq_lite, awq_clip, awq_full, "
+        "gptq, mse, percentile, none, or steps joined by '+' (awq+gptq, smoothquant+gptq, mse+gptq)",
+    )
+    q.add_argument("--sq-alpha", type=float, default=None, help="SmoothQuant migration strength (0..1)")
+    q.add_argument("--awq-grid", type=int, default=None, help="AWQ alpha grid points (default 20)")
+    q.add_argument("--gptq-damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H)")
+    q.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ columns per block (default 128)")
+    q.add_argument(
+        "--gptq-act-order",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ columns by descending Hessian diagonal, static groups (default on)",
+    )
+    q.add_argument("--percentile", type=float, default=None, help="activation amax percentile (percentile)")
     q.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or cached dataset name")
     q.add_argument("--calib-size", type=int, default=512)
     q.add_argument("--calib-seq-len", type=int, default=512)
@@ -151,6 +167,10 @@ def _recipe(args: argparse.Namespace) -> Any:
         recipe = recipe.with_algorithm(args.algorithm)
     if args.kv_cache is not None:
         recipe = recipe.with_kv_cache(args.kv_cache)
+    flags = ("sq_alpha", "awq_grid", "gptq_damp", "gptq_block_size", "gptq_act_order", "percentile")
+    params = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
+    if params:
+        recipe = recipe.with_params(**params)
     return recipe.with_exclude(args.exclude) if args.exclude else recipe
 
 
@@ -182,13 +202,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=_progress(args),
     )
-    ran = (
-        result.algorithm
-        if result.algorithm == recipe.algorithm
-        else f"{result.algorithm} ({recipe.algorithm} requested; not implemented yet)"
-    )
     print(
-        f"quantized {len(result.modules)} modules of {model_dir} with {recipe.name}, algorithm {ran}, "
+        f"quantized {len(result.modules)} modules of {model_dir} with {recipe.name}, algorithm {result.algorithm}, "
         f"in {result.seconds:.1f}s -> {result.output}"
     )
     return 0
@@ -276,6 +291,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"# {path}: preset {manifest['recipe']['name']}, algorithm {manifest['algorithm']}"
         f" (requested {manifest['algorithm_requested']}), lowbit {manifest['lowbit_version']}"
     )
+    errors = manifest.get("errors", {})
     table = [
         (
             r.name,
@@ -284,13 +300,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{r.scale_min:.3g}..{r.scale_max:.3g}",
             f"{r.sqnr_db:.2f}",
             f"{8 * r.packed_bytes / r.numel:.3f}",
+            *_error_columns(errors.get(r.name, {})),
         )
         for r in rows
     ]
-    print_table(("module", "weight", "input", "weight scales", "SQNR dB", "bits/w"), table)
+    print_table(
+        ("module", "weight", "input", "weight scales", "SQNR dB", "bits/w", "out err RTN dB", "out err dB"),
+        table,
+    )
+    print(
+        "out err: the module's output error on the calibration inputs, 10 log10(|X (W_q - W)^T|^2 / |X W^T|^2), "
+        "for round-to-nearest with max scales and after the algorithm (weight error where no data was used)"
+    )
     for name, fmt, amax in kv:
         print(f"{name}: {fmt}, amax {amax:.4g}")
     return 0
+
+
+def _error_columns(e: dict[str, Any]) -> tuple[str, str]:
+    before, after = e.get("before", e.get("weight_before")), e.get("after", e.get("weight_after"))
+    return _db(before), _db(after)
+
+
+def _db(x: float | None) -> str:
+    import math
+
+    return "-" if x is None else "-inf" if x <= 0 else f"{10 * math.log10(x):.2f}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

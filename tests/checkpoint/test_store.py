@@ -18,10 +18,10 @@ class Crash(Exception):
 def _crash_at(monkeypatch, layer: int) -> None:
     original = CheckpointWriter.write_layer
 
-    def write_layer(self, i, weights, quantizers):
+    def write_layer(self, i, weights, quantizers, extra=None):
         if i == layer:
             raise Crash
-        original(self, i, weights, quantizers)
+        original(self, i, weights, quantizers, extra)
 
     monkeypatch.setattr(CheckpointWriter, "write_layer", write_layer)
 

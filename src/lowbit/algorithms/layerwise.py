@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit import __version__
+from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
@@ -41,10 +42,10 @@ from lowbit.models.loading import (
     resolve_model,
     trim_heap,
 )
-from lowbit.quant.convert import calibrate_max, check_calibrated, convert, plan, quant_linears
+from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears
 from lowbit.quant.kv import use_kv_attention
-from lowbit.quant.quantizer import Quantizer
-from lowbit.quant.recipe import Recipe, algorithm_to_run, spec_to_dict
+from lowbit.quant.linear import QuantSpec
+from lowbit.quant.recipe import Recipe, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class _Job:
     device: torch.device
     compute_dtype: torch.dtype
     progress: bool
+    uses_data: bool  # False: every layer calibrates from its weights alone (no forward passes at all)
 
 
 def quantize_checkpoint(
@@ -149,23 +151,15 @@ def quantize_checkpoint(
             f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
             "the tokenizer does not match the model"
         )
-    algorithm = algorithm_to_run(recipe.algorithm)
-    if algorithm != recipe.algorithm:
-        log.warning(
-            "%s asks for %s, not implemented yet: calibrating with %s",
-            recipe.name,
-            recipe.algorithm,
-            algorithm,
-        )
+    algorithm = recipe.algorithm
     meta = build_meta_model(config)
     layers = meta.get_submodule(layers_path)
     if not isinstance(layers, nn.ModuleList):
         raise LowbitError(
             f"{layers_path} of {config.model_type} is not a layer list; lowbit's facts for it are wrong"
         )
-    outside = [
-        n for n in plan(meta, recipe) if not n.startswith(layers_path + ".")
-    ]  # plan checks every shape
+    specs = plan(meta, recipe)  # checks every shape
+    outside = [n for n in specs if not n.startswith(layers_path + ".")]
     if outside:
         raise LowbitError(
             f"{outside[0]} lies outside the decoder layers, which lowbit quantizes one at a time; "
@@ -174,8 +168,9 @@ def quantize_checkpoint(
     writer = CheckpointWriter(
         output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite
     )
+    uses_data = needs_data(algorithm) or _static_activations(specs.values(), recipe)
     job = _Job(model_dir, config, reader, recipe, algorithm, meta, layers, layers_path, writer,
-               torch.device(device), compute_dtype, progress)  # fmt: skip
+               torch.device(device), compute_dtype, progress, uses_data)  # fmt: skip
     try:
         modules = _run(job, calib, batch_size)
     except LowbitError:
@@ -192,6 +187,65 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     if done == 0:  # the shell is copied as stored; only what runs before layer 0 is materialized
         shell = [n for n in job.reader.names() if not n.startswith(path + ".")]
         job.writer.write_shell(job.reader.read(shell))
+    states = _layer0_inputs(job, calib, batch_size) if job.uses_data else []
+    info = LayerInfo("", family(config.model_type), getattr(config, "num_attention_heads", None),
+                     getattr(config, "num_key_value_heads", None))  # fmt: skip
+    modules: dict[str, Any] = {}
+    errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))
+    bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
+    for i in bar:
+        prefix, layer = f"{path}.{i}", job.layers[i]
+        orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+        if i < done:
+            bar.set_postfix_str(f"replaying {prefix}")
+            specs = _replay_layer(job, layer, i)
+        else:
+            bar.set_postfix_str(f"calibrating {prefix}")
+            materialize(layer, job.reader, prefix, job.meta, job.device, job.compute_dtype)
+            specs = convert(layer, job.recipe, prefix)
+            _check_activations(states, prefix)
+            info.prefix, info.storage_dtypes = prefix, orig_dtypes
+            loop = _loop_over(states) if job.uses_data else None
+            errors.update(calibrate_layer(layer, info, job.algorithm, job.recipe.params, loop))
+        modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
+        if i >= done:
+            state = layer.state_dict()
+            weights = {
+                f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in state.items() if "_quantizer." not in k
+            }
+            stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
+            job.writer.write_layer(i, weights, stats, extra={"errors": errors})
+            del state, weights, stats
+        for _, linear in quant_linears(layer):
+            linear.bake()  # the float weights are on disk: advance with one copy of the layer
+        if job.uses_data and i + 1 < len(job.layers):
+            _advance(layer, states)
+        layer.to("meta")
+        trim_heap()
+    bar.close()
+
+    manifest = {
+        "lowbit_version": __version__,
+        "source_model": str(job.model_dir),
+        "model_type": config.model_type,
+        "recipe": job.recipe.to_dict(),
+        "algorithm_requested": job.recipe.algorithm,
+        "algorithm": job.algorithm,
+        "calibration_data_used": job.uses_data,
+        "errors": errors,
+        "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                        "sha256": job.writer.fingerprint["calib_sha256"]},
+        "layers": path,
+        "num_layers": len(job.layers),
+        "modules": modules,
+    }  # fmt: skip
+    job.writer.finish(manifest, load_config_json(job.model_dir), model_files_for_copy(job.model_dir))
+    return modules
+
+
+def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tuple[Tensor, dict[str, Any]]]:
+    """Run the calibration batches through everything before the first decoder layer; keep its inputs."""
+    config, path = job.config, job.layers_path
     head = _output_head_name(job.meta)
     # stored dtype; the embedding output is cast to the compute dtype (exact for bf16/fp16 -> fp32)
     materialize(job.meta, job.reader, "", job.meta, job.device, skip=[path, *head])
@@ -205,52 +259,15 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     cast.remove()
     log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], path)
     release(job.meta, skip=[path])  # nothing outside the layers is needed past layer 0's inputs
+    return states
 
-    modules: dict[str, Any] = {}
-    bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
-    for i in bar:
-        prefix, layer = f"{path}.{i}", job.layers[i]
-        orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
-        if i < done:
-            bar.set_postfix_str(f"replaying {prefix}")
-            specs = _replay_layer(job, layer, i)
-        else:
-            bar.set_postfix_str(f"calibrating {prefix}")
-            materialize(layer, job.reader, prefix, job.meta, job.device, job.compute_dtype)
-            specs = convert(layer, job.recipe, prefix)
-            _check_activations(states, prefix)
-            calibrate_max(layer, _loop_over(states) if _needs_data(layer) else None, prefix)
-        modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
-        if i >= done:
-            state = layer.state_dict()
-            weights = {
-                f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in state.items() if "_quantizer." not in k
-            }
-            stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
-            job.writer.write_layer(i, weights, stats)
-            del state, weights, stats
-        for _, linear in quant_linears(layer):
-            linear.bake()  # the float weights are on disk: advance with one copy of the layer
-        _advance(layer, states)
-        layer.to("meta")
-        trim_heap()
-    bar.close()
 
-    manifest = {
-        "lowbit_version": __version__,
-        "source_model": str(job.model_dir),
-        "model_type": config.model_type,
-        "recipe": job.recipe.to_dict(),
-        "algorithm_requested": job.recipe.algorithm,
-        "algorithm": job.algorithm,
-        "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
-                        "sha256": job.writer.fingerprint["calib_sha256"]},
-        "layers": path,
-        "num_layers": len(job.layers),
-        "modules": modules,
-    }  # fmt: skip
-    job.writer.finish(manifest, load_config_json(job.model_dir), model_files_for_copy(job.model_dir))
-    return modules
+def _static_activations(specs: Any, recipe: Recipe) -> bool:
+    """Whether some activation quantizer keeps calibrated statistics (dynamic-only formats need no data)."""
+    fmts = [s.input for s in specs if isinstance(s, QuantSpec) and s.input is not None]
+    if recipe.kv_cache is not None:
+        fmts.append(recipe.kv_cache)
+    return any(not f.dynamic or f.global_scale for f in fmts)
 
 
 def _output_head_name(model: nn.Module) -> list[str]:
@@ -289,16 +306,6 @@ def _loop_over(states: list[tuple[Tensor, dict[str, Any]]]) -> Callable[[nn.Modu
             layer(hidden, **kwargs)
 
     return loop
-
-
-def _needs_data(layer: nn.Module) -> bool:
-    """Whether any activation quantizer keeps static statistics (dynamic-only formats need no data)."""
-    return any(
-        isinstance(m, Quantizer)
-        and (m.needs_block_amax or m.fmt.global_scale)
-        and "weight_quantizer" not in n
-        for n, m in layer.named_modules()
-    )
 
 
 @torch.no_grad()

@@ -101,6 +101,11 @@ class CheckpointWriter:
             ) from None
 
     @property
+    def progress_extra(self) -> dict[str, Any]:
+        """What write_layer recorded with the last finished layer ({} for a new run)."""
+        return dict(self._progress().get("extra", {}))
+
+    @property
     def layers_done(self) -> int:
         return int(self._progress()["layers_done"])
 
@@ -108,14 +113,20 @@ class CheckpointWriter:
         save_tensors(self.partial / SHELL, weights)
 
     def write_layer(
-        self, i: int, weights: dict[str, torch.Tensor], quantizers: dict[str, torch.Tensor]
+        self,
+        i: int,
+        weights: dict[str, torch.Tensor],
+        quantizers: dict[str, torch.Tensor],
+        extra: dict[str, Any] | None = None,
     ) -> None:
+        """Write layer i's files, then record it as done (with `extra`, e.g. the error report so far)."""
         if i != self.layers_done:
             raise RuntimeError(f"layer {i} written out of order (expected {self.layers_done})")
         save_tensors(self.partial / layer_file(i), weights)
         save_tensors(self.partial / quantizer_file(i), quantizers)
         progress = self._progress()
         progress["layers_done"] = i + 1
+        progress["extra"] = extra or {}
         write_json(self.partial / PROGRESS, progress)
 
     def read_layer(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -262,6 +262,45 @@ def fake_quant(
     return dequantize(quantize(x, fmt, amax, global_amax, amin), x.dtype)
 
 
+@dataclass
+class ScaleMap:
+    """A format's scales expanded to every element of one tensor, for element-wise quantization of any slice
+    of it (GPTQ quantizes a weight column by column with the scales of the whole weight)."""
+
+    fmt: ScaledFormat
+    scale: Tensor  # same shape as the tensor: s * g of each element's block
+    zero: Tensor | None  # same shape; asymmetric formats only
+
+    def fake_quant(self, x: Tensor, cols: slice | Tensor = slice(None)) -> Tensor:
+        """fake_quant of x == tensor[:, cols] (float32) with the fixed scales of those columns."""
+        s = self.scale[:, cols]
+        if self.zero is None:
+            return round_to_grid(x / s, self.fmt.element) * s
+        z = self.zero[:, cols]
+        return (round_to_grid(x / s + z, self.fmt.element) - z) * s
+
+
+def scale_map(
+    x: Tensor,
+    fmt: ScaledFormat,
+    amax: Tensor | None = None,
+    global_amax: Tensor | None = None,
+    amin: Tensor | None = None,
+) -> ScaleMap:
+    """The scales `quantize(x, fmt, amax, global_amax, amin)` uses, expanded to x's shape (2-D x)."""
+    q = quantize(x, fmt, amax, global_amax, amin)
+    blocks = to_blocks(torch.zeros_like(x, dtype=torch.float32), fmt)
+
+    def expand(t: Tensor) -> Tensor:
+        if fmt.granularity == "tensor":
+            return t.expand(x.shape).float()
+        return from_blocks(t.reshape(*t.shape, 1).float().expand(blocks.shape), fmt, x.shape)
+
+    eff = _effective(q.scale, q.global_scale)
+    zero = expand(q.zero_point) if q.zero_point is not None else None
+    return ScaleMap(fmt, expand(eff).contiguous(), zero.contiguous() if zero is not None else None)
+
+
 def _effective(scale: Tensor, global_scale: Tensor | None) -> Tensor:
     return scale if global_scale is None else scale * global_scale
 

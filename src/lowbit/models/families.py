@@ -1,13 +1,37 @@
-"""Per-architecture facts as data: where the decoder layers are, what the engines call the architecture.
+"""Per-architecture facts as data: where the decoder layers are, what is smoothed together, what the engines
+call the architecture.
 
 One entry per family. Algorithms read these facts; they never branch on the architecture themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """Linears (names inside a decoder layer) that read the output of `prev`, a norm or a Linear, and can be
+    smoothed together by scaling their input channels, the inverse scale folded exactly into `prev`.
+
+    `heads`: `prev` is the V projection feeding the attention output projection; with grouped-query
+    attention each V channel feeds `num_attention_heads / num_key_value_heads` input channels of the output
+    projection, which then share one scale.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    heads: bool = False
+
+
+LLAMA_SMOOTH = (
+    Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Smooth("self_attn.v_proj", ("self_attn.o_proj",), heads=True),
+    Smooth("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Smooth("mlp.up_proj", ("mlp.down_proj",)),
+)
 
 
 @dataclass(frozen=True)
@@ -15,13 +39,16 @@ class Family:
     model_types: tuple[str, ...]
     layers: str  # path of the decoder layers' ModuleList
     decoder_type: str  # TensorRT-LLM decoder type
+    smooth: tuple[Smooth, ...] = ()
+    # Linears whose clip search is skipped (AWQ: clipping q/k distorts attention scores)
+    no_clip: tuple[str, ...] = field(default=("self_attn.q_proj", "self_attn.k_proj"))
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family(("llama",), "model.layers", "llama"),
-    Family(("mistral",), "model.layers", "llama"),
+    Family(("llama",), "model.layers", "llama", LLAMA_SMOOTH),
+    Family(("mistral",), "model.layers", "llama", LLAMA_SMOOTH),
     Family(("mixtral",), "model.layers", "llama"),
-    Family(("qwen2", "qwen3"), "model.layers", "qwen"),
+    Family(("qwen2", "qwen3"), "model.layers", "qwen", LLAMA_SMOOTH),
     Family(("qwen3_moe", "qwen2_moe"), "model.layers", "qwen"),
     Family(("gemma", "gemma2", "gemma3_text"), "model.layers", "gemma"),
     Family(("phi3",), "model.layers", "phi3"),

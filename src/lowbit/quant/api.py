@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
-from lowbit.quant.convert import calibrate_max, convert
+from lowbit.quant.convert import convert
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
-from lowbit.quant.recipe import Recipe, algorithm_to_run
+from lowbit.quant.recipe import Recipe
 
 
 def quantize(
@@ -17,12 +19,38 @@ def quantize(
 ) -> dict[str, QuantSpec]:
     """Fake-quantize `model` in place following `recipe`; `forward_loop(model)` runs the calibration data.
 
-    Returns the spec given to each quantized module. For models larger than memory use
-    `lowbit.pipeline.quantize_checkpoint`, which does the same layer by layer from the safetensors files.
+    Runs the recipe's algorithm on the whole model at once (every layer sees the float model's activations).
+    Returns the spec given to each quantized module. For models larger than memory, and for calibration of
+    each layer on the quantized layers before it, use `lowbit.algorithms.layerwise.quantize_checkpoint`.
     """
+    from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer
+
     specs = convert(model, recipe)
+    config: Any = getattr(model, "config", None)
     if recipe.kv_cache is not None:
-        use_kv_attention(model.config)  # type: ignore[arg-type]
-    algorithm = algorithm_to_run(recipe.algorithm)
-    calibrate_max(model, forward_loop if algorithm != "none" or recipe.kv_cache else None)
+        use_kv_attention(config)
+    info = LayerInfo("", _whole_model_family(model), getattr(config, "num_attention_heads", None),
+                     getattr(config, "num_key_value_heads", None))  # fmt: skip
+    calibrate_layer(model, info, recipe.algorithm, recipe.params, forward_loop)
     return specs
+
+
+def _whole_model_family(model: nn.Module) -> Any:
+    """The model's family facts with per-layer names made full names (model.layers.3.input_layernorm)."""
+    from lowbit.errors import LowbitError
+    from lowbit.models.families import family
+
+    config = getattr(model, "config", None)
+    try:
+        fam = family(getattr(config, "model_type", ""))
+    except LowbitError:
+        return None
+    layers = model.get_submodule(fam.layers)
+    n = len(layers)  # type: ignore[arg-type]
+    smooth = tuple(
+        dataclasses.replace(s, prev=f"{fam.layers}.{i}.{s.prev}",
+                            linears=tuple(f"{fam.layers}.{i}.{x}" for x in s.linears))
+        for i in range(n) for s in fam.smooth
+    )  # fmt: skip
+    no_clip = tuple(f"{fam.layers}.{i}.{x}" for i in range(n) for x in fam.no_clip)
+    return dataclasses.replace(fam, smooth=smooth, no_clip=no_clip)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lowbit.formats.scaled import ScaledFormat, fake_quant, reduce_amax, reduce_min_max
 
 STAT_NAMES = ("amax", "global_amax", "amin")
+SAMPLES_PER_CALL = 4096  # |x| values kept per observed tensor when sampling (percentile / MSE amax)
 
 
 class Quantizer(nn.Module):
@@ -30,6 +31,7 @@ class Quantizer(nn.Module):
         super().__init__()
         self.fmt = fmt
         self.calibrating = False
+        self.samples: list[Tensor] | None = None  # when a list: observe() also keeps a sample of |x|
         for name in STAT_NAMES:
             self.register_buffer(name, None)
 
@@ -49,6 +51,10 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Fold x into the running statistics (max of amax, min of amin)."""
+        if self.samples is not None:
+            flat = x.detach().reshape(-1)
+            step = max(1, flat.numel() // SAMPLES_PER_CALL)
+            self.samples.append(flat[::step].abs().float().cpu())
         if self.fmt.global_scale:
             self.global_amax = _running(self.global_amax, x.detach().abs().amax().float(), torch.maximum)
         if not self.needs_block_amax:

@@ -6,6 +6,7 @@ the default skips (lm_head, embeddings, routers, conv1d, vision towers, ...) com
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -34,8 +35,54 @@ from lowbit.formats.scaled import (
 )
 from lowbit.quant.linear import QuantSpec
 
-ALGORITHMS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "awq+gptq", "none")
-IMPLEMENTED_ALGORITHMS = ("max", "none")
+ALGORITHM_STEPS = (
+    "max",
+    "smoothquant",
+    "awq_lite",
+    "awq_clip",
+    "awq_full",
+    "gptq",
+    "mse",
+    "percentile",
+    "none",
+)
+ALGORITHM_ALIASES = {"awq": "awq_lite", "sq": "smoothquant"}
+ALGORITHMS = (*ALGORITHM_STEPS, "awq+gptq", "awq_full+gptq", "smoothquant+gptq", "mse+gptq")  # common ones
+
+
+@dataclass(frozen=True)
+class AlgorithmParams:
+    """Parameters of the calibration algorithms (CLI flags / the `algorithm_params` key of a YAML recipe)."""
+
+    sq_alpha: float = 0.5  # SmoothQuant migration strength (see docs/results.md for the sweep)
+    awq_grid: int = 20  # AWQ alpha grid points in [0, 1)
+    clip_grid: int = 10  # clip ratios 1.0, 0.95, ... (awq_clip, mse)
+    clip_min: float = 0.5  # smallest clip ratio
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    gptq_act_order: bool = True  # columns by descending diag(H), with static groups
+    percentile: float = 99.99  # activation amax percentile ("percentile" step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def algorithm_steps(name: str) -> frozenset[str]:
+    """The steps of an algorithm name such as 'awq_full+gptq' (checked: at most one smoothing method)."""
+    steps = [ALGORITHM_ALIASES.get(s.strip(), s.strip()) for s in name.split("+")]
+    for step in steps:
+        if step not in ALGORITHM_STEPS:
+            raise LowbitError(
+                f"unknown algorithm step {step!r}{closest(step, ALGORITHM_STEPS)} in {name!r}; "
+                f"combine {', '.join(ALGORITHM_STEPS)} with '+' (e.g. awq+gptq)"
+            )
+    found = frozenset(steps)
+    if "smoothquant" in found and found & {"awq_lite", "awq_full"}:
+        raise LowbitError(f"{name!r}: SmoothQuant and AWQ both smooth; choose one of them")
+    if "none" in found and len(found) > 1:
+        raise LowbitError(f"{name!r}: 'none' (no calibration) cannot be combined with other steps")
+    return found
+
 
 DEFAULT_SKIPS = (
     "*lm_head*",
@@ -69,6 +116,7 @@ class Recipe:
     algorithm: str = "max"
     kv_cache: ScaledFormat | None = None
     skips: tuple[str, ...] = field(default=DEFAULT_SKIPS)
+    params: AlgorithmParams = field(default_factory=AlgorithmParams)
 
     def resolve(self, module_name: str) -> QuantSpec | None:
         for pattern in self.skips:
@@ -98,10 +146,21 @@ class Recipe:
     def with_algorithm(self, algorithm: str) -> Recipe:
         return replace(self, algorithm=check_algorithm(algorithm))
 
+    def with_params(self, **changes: Any) -> Recipe:
+        """A copy with some AlgorithmParams changed (unknown names are errors naming the closest one)."""
+        known = [f.name for f in dataclasses.fields(AlgorithmParams)]
+        for key in changes:
+            if key not in known:
+                raise LowbitError(
+                    f"unknown algorithm parameter {key!r}{closest(key, known)}; known: {', '.join(known)}"
+                )
+        return replace(self, params=replace(self.params, **changes))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "algorithm": self.algorithm,
+            "algorithm_params": self.params.to_dict(),
             "kv_cache": format_to_dict(self.kv_cache) if self.kv_cache else None,
             "skips": list(self.skips),
             "rules": [{"pattern": r.pattern, **spec_to_dict(r.spec)} for r in self.rules],
@@ -153,11 +212,13 @@ def preset(name: str) -> Recipe:
 
 
 def check_algorithm(name: str) -> str:
-    if name not in ALGORITHMS:
+    """`name` normalised ('awq+gptq' -> 'awq_lite+gptq'), or a LowbitError naming the closest algorithm."""
+    if "+" not in name and ALGORITHM_ALIASES.get(name, name) not in ALGORITHM_STEPS:
         raise LowbitError(
             f"unknown algorithm {name!r}{closest(name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}"
         )
-    return name
+    algorithm_steps(name)
+    return "+".join(ALGORITHM_ALIASES.get(s.strip(), s.strip()) for s in name.split("+"))
 
 
 def kv_cache_format(name: str | None) -> ScaledFormat | None:
@@ -165,11 +226,6 @@ def kv_cache_format(name: str | None) -> ScaledFormat | None:
     if key not in KV_CACHE_FORMATS:
         raise LowbitError(f"unknown --kv-cache {key!r}; choose one of {', '.join(KV_CACHE_FORMATS)}")
     return KV_CACHE_FORMATS[key]
-
-
-def algorithm_to_run(requested: str) -> str:
-    """The algorithm that actually runs: SmoothQuant, AWQ and GPTQ arrive later, max calibrates meanwhile."""
-    return requested if requested in IMPLEMENTED_ALGORITHMS else "max"
 
 
 # --- formats and recipes as plain data (YAML / JSON) -------------------------------------------------------
@@ -212,7 +268,7 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
     """A recipe from parsed YAML: {name, algorithm, kv_cache, exclude, rules: [{pattern, weight, input}]}."""
     if not isinstance(data, dict):
         raise LowbitError(f"{source}: a recipe is a mapping with a 'rules' list")
-    allowed = {"name", "algorithm", "kv_cache", "exclude", "rules"}
+    allowed = {"name", "algorithm", "algorithm_params", "kv_cache", "exclude", "rules"}
     for key in data:
         if key not in allowed:
             raise LowbitError(f"{source}: unknown key {key!r}{closest(str(key), sorted(allowed))}")
@@ -232,6 +288,10 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
         rules.append(Rule(str(rule["pattern"]), spec))
     recipe = Recipe(str(data.get("name", Path(source).stem)), tuple(rules))
     recipe = recipe.with_algorithm(str(data.get("algorithm", "max")))
+    params = data.get("algorithm_params") or {}
+    if not isinstance(params, dict):
+        raise LowbitError(f"{source}: algorithm_params is a mapping such as {{sq_alpha: 0.5}}")
+    recipe = recipe.with_params(**params)
     recipe = recipe.with_kv_cache(data.get("kv_cache"))
     return recipe.with_exclude(list(data.get("exclude") or []))
 
@@ -267,4 +327,5 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Inverse of Recipe.to_dict (the resolved recipe stored in a checkpoint)."""
     rules = [Rule(r["pattern"], spec_from_dict(r)) for r in data["rules"]]
     kv = format_from_data(data["kv_cache"], "recipe") if data.get("kv_cache") else None
-    return Recipe(data["name"], tuple(rules), data["algorithm"], kv, tuple(data["skips"]))
+    params = AlgorithmParams(**data.get("algorithm_params", {}))
+    return Recipe(data["name"], tuple(rules), data["algorithm"], kv, tuple(data["skips"]), params)

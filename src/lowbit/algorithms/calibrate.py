@@ -1,0 +1,363 @@
+"""Calibrating one decoder layer: the algorithms of a recipe, run in a fixed order on the layer's real inputs.
+
+1. statistics pass: the float layer runs the calibration batches; hooks gather each quantized Linear's
+   input statistics (stats.py) and the activation quantizers observe their inputs;
+2. smoothing (SmoothQuant or AWQ) of the family's smoothing groups, folded into the float weights;
+3. weight scales: max, then AWQ's clip search (Hessian-weighted) or the MSE search;
+4. GPTQ on the weights, with those scales fixed;
+5. if the weights changed, a second pass calibrates the activation quantizers on the layer as it now is
+   ("percentile" takes per-tensor activation amax as a percentile of |x| sampled in this last pass).
+
+"mse" searches weight scales only: on LLM activations any clipping of the outlier channels costs far more
+than it saves (docs/results.md), so activation amax stays the max unless "percentile" is asked for.
+
+Every quantized Linear gets an error report: its output error on the calibration inputs relative to its
+output energy, `tr(D H D^T) / tr(W H W^T)`, for round-to-nearest with max scales ("before") and for what the
+algorithm produced ("after"); weight-only data-free runs report the weight error instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms import gptq, search, smoothing
+from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
+from lowbit.errors import LowbitError
+from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
+from lowbit.models.families import Family, Smooth
+from lowbit.quant.convert import (
+    KV_QUANTIZERS,
+    all_quantizers,
+    check_calibrated,
+    quant_linears,
+    set_calibrating,
+)
+from lowbit.quant.linear import QuantLinear
+from lowbit.quant.recipe import AlgorithmParams, algorithm_steps
+
+log = logging.getLogger(__name__)
+
+REPORT_ROWS = 256  # tokens per batch in the Hessian when only the error report needs it
+NEEDS_DATA = frozenset({"smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "percentile"})
+
+
+def needs_data(algorithm: str) -> bool:
+    return bool(algorithm_steps(algorithm) & NEEDS_DATA)
+
+
+@dataclass
+class LayerInfo:
+    """What calibrate_layer needs to know about the layer besides its modules."""
+
+    prefix: str
+    family: Family | None
+    num_heads: int | None = None  # attention heads and KV heads (for smoothing V into O with GQA)
+    num_kv_heads: int | None = None
+    storage_dtypes: dict[str, torch.dtype] | None = None  # param name -> dtype it is written in
+
+
+def chain_fake_quant(w: Tensor, linear: QuantLinear) -> Tensor:
+    """The weight chain applied with max scales taken from w itself."""
+    for fmt in linear.spec.weight:
+        w = fake_quant(w, fmt)
+    return w
+
+
+@torch.no_grad()
+def calibrate_layer(
+    layer: nn.Module,
+    info: LayerInfo,
+    algorithm: str,
+    params: AlgorithmParams,
+    forward_loop: Callable[[nn.Module], None] | None,
+) -> dict[str, dict[str, Any]]:
+    """Calibrate the QuantLinears and K/V quantizers of `layer` (converted, float weights) in place with
+    `algorithm` ('max', 'awq_full+gptq', ...); returns {full module name: error report}."""
+    steps = algorithm_steps(algorithm)
+    linears = dict(quant_linears(layer))
+    if "none" in steps:
+        forward_loop = forward_loop if _static_activations(layer) else None
+    if forward_loop is None:
+        if steps & NEEDS_DATA:
+            raise LowbitError(
+                f"{info.prefix or 'model'}: algorithm {algorithm!r} needs calibration data; pass a forward loop"
+            )
+        return _calibrate_data_free(layer, linears, info, steps, params)
+    full_h = bool(steps & {"awq_lite", "awq_full", "awq_clip", "gptq"})
+    sample = "percentile" in steps
+    _set_sampling(layer, sample)
+    with collect_inputs(linears, None if full_h else REPORT_ROWS) as stats:
+        set_calibrating(layer, True)
+        try:
+            forward_loop(layer)
+        finally:
+            set_calibrating(layer, False)
+    report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
+              for n, lin in linears.items() if n in stats}  # fmt: skip
+    changed = _smooth(layer, linears, stats, info, steps, params)
+    originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
+    _weight_scales(linears, stats, info, steps, params)
+    if "gptq" in steps:
+        _gptq(linears, stats, info, params)
+        changed = True
+    for n, lin in linears.items():
+        if n in stats:
+            wq = lin.weight_quantizer(lin.weight.float())
+            report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
+            report[info.prefix + "." + n]["tokens"] = stats[n].n
+    del originals
+    if changed and _static_activations(layer):
+        _reset_activation_stats(layer)
+        set_calibrating(layer, True)
+        try:
+            forward_loop(layer)
+        finally:
+            set_calibrating(layer, False)
+    if sample:
+        _activation_search(layer, steps, params)
+    _set_sampling(layer, False)
+    check_calibrated(layer, info.prefix)
+    return report
+
+
+def _calibrate_data_free(
+    layer: nn.Module, linears: dict[str, QuantLinear], info: LayerInfo, steps: frozenset[str],
+    params: AlgorithmParams,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    report: dict[str, dict[str, Any]] = {}
+    before = {n: _weight_error(_rtn(lin), lin.weight) for n, lin in linears.items()}
+    _weight_scales(linears, {}, info, steps, params)
+    for n, lin in linears.items():
+        after = _weight_error(lin.weight_quantizer(lin.weight.float()), lin.weight)
+        report[info.prefix + "." + n] = {"weight_before": before[n], "weight_after": after}
+    check_calibrated(layer, info.prefix)
+    return report
+
+
+def _rtn(linear: QuantLinear) -> Tensor:
+    return chain_fake_quant(linear.weight.detach().float(), linear)
+
+
+def _rel_error(wq: Tensor, w: Tensor, stats: InputStats) -> float:
+    h = stats.hessian
+    if h is None:
+        return _weight_error(wq, w)
+    w = w.detach().float()
+    return float(output_error(wq.float() - w, h) / output_error(w, h).clamp(min=1e-30))
+
+
+def _weight_error(wq: Tensor, w: Tensor) -> float:
+    w = w.detach().float()
+    return float((wq.float() - w).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
+
+
+# --- smoothing ----------------------------------------------------------------------------------------------
+
+
+def _smooth(
+    layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo,
+    steps: frozenset[str], params: AlgorithmParams,
+) -> bool:  # fmt: skip
+    method = "smoothquant" if "smoothquant" in steps else "awq" if steps & {"awq_lite", "awq_full"} else None
+    if method is None:
+        return False
+    if info.family is None or not info.family.smooth:
+        log.warning("%s: no smoothing groups known for this architecture; %s skipped", info.prefix, method)
+        return False
+    changed = False
+    for group in info.family.smooth:
+        members = [linears.get(n) for n in group.linears]
+        if any(m is None for m in members) or any(n not in stats for n in group.linears):
+            continue  # part of the group is not quantized (or never ran)
+        mods = [m for m in members if m is not None]
+        st = stats[group.linears[0]]
+        if any(stats[n] is not st for n in group.linears):
+            log.warning("%s: %s do not read one tensor; not smoothed", info.prefix, ", ".join(group.linears))
+            continue
+        if method == "smoothquant" and all(m.input_quantizer is None for m in mods):
+            continue  # weight-only: nothing to migrate into
+        prev = layer.get_submodule(group.prev)
+        cmap = _channel_map(group, prev, mods[0], info)
+        if cmap is False:
+            continue
+        cmap_t = cmap if isinstance(cmap, Tensor) else None
+        n_prev = _out_channels(prev)
+        if method == "smoothquant":
+            assert st.amax is not None
+            a = smoothing.pool(st.amax, cmap_t, n_prev, "amax")
+            w = smoothing.pool(smoothing.weight_amax([m.weight for m in mods]), cmap_t, n_prev, "amax")
+            s = smoothing.smoothquant_scales(a, w, params.sq_alpha)
+        else:
+            s = _awq_scale(mods, st, cmap_t, n_prev, params)
+        smoothing.fold(prev, mods, s, cmap_t)
+        _round_to_storage(layer, info, [group.prev, *group.linears])
+        st.scale_inputs(smoothing.expand(s, cmap_t))
+        changed = True
+    return changed
+
+
+def _awq_scale(
+    mods: list[QuantLinear], st: InputStats, cmap: Tensor | None, n_prev: int, params: AlgorithmParams
+) -> Tensor:
+    h = st.hessian
+    assert h is not None
+    g = mods[0].spec.weight[0].block_size
+    x_mean = smoothing.pool(st.absmean, cmap, n_prev, "mean")
+    w_mean = smoothing.pool(smoothing.weight_importance([m.weight for m in mods], g), cmap, n_prev, "mean")
+    candidates = smoothing.awq_candidates(x_mean, w_mean, params.awq_grid)
+
+    def quantize(w: Tensor) -> Tensor:
+        return chain_fake_quant(w, mods[0])
+
+    s, label, _ = smoothing.awq_search([m.weight for m in mods], h, candidates, quantize, cmap)
+    log.debug("AWQ scale %s", label)
+    return s
+
+
+def _channel_map(group: Smooth, prev: nn.Module, first: QuantLinear, info: LayerInfo) -> Tensor | bool:
+    """True: channels match one to one; a map for grouped-query V -> O; False: cannot fold."""
+    n_prev = _out_channels(prev)
+    if n_prev == first.in_features:
+        return True
+    if not group.heads or not info.num_heads or not info.num_kv_heads:
+        return False
+    heads, kv = info.num_heads, info.num_kv_heads
+    hd = first.in_features // heads
+    if heads % kv or hd * kv != n_prev or hd * heads != first.in_features:
+        return False
+    c = torch.arange(first.in_features, device=first.weight.device)
+    return (c // hd) // (heads // kv) * hd + c % hd
+
+
+def _out_channels(module: nn.Module) -> int:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[0])
+
+
+def _round_to_storage(layer: nn.Module, info: LayerInfo, modules: list[str]) -> None:
+    """Round changed float weights to the dtype they are written in, so that the checkpoint computes exactly
+    what calibration saw."""
+    if not info.storage_dtypes:
+        return
+    for mod in modules:
+        for pname, p in layer.get_submodule(mod).named_parameters(recurse=False):
+            dt = info.storage_dtypes.get(f"{mod}.{pname}")
+            if dt is not None and dt != p.dtype:
+                p.data = p.data.to(dt).to(p.dtype)
+
+
+# --- weights -----------------------------------------------------------------------------------------------
+
+
+def _weight_scales(
+    linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, steps: frozenset[str],
+    params: AlgorithmParams,
+) -> None:  # fmt: skip
+    clip = bool(steps & {"awq_clip", "awq_full"})
+    ratios = search.clip_ratios(params.clip_grid, params.clip_min)
+    no_clip = info.family.no_clip if info.family else ()
+    for name, lin in linears.items():
+        lin.calibrate_weight()
+        h = stats[name].hessian if name in stats else None
+        if clip and h is not None and name not in no_clip:
+            _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios, h))
+        elif "mse" in steps:
+            _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios))
+
+
+def _set_first_amax(lin: QuantLinear, amax: Tensor) -> None:
+    """Give the first weight quantizer `amax` and recalibrate the rest of the chain on its output."""
+    qs = lin.weight_quantizer.quantizers()
+    qs[0].amax = amax
+    w = qs[0](lin.weight.detach())
+    for q in qs[1:]:
+        q.amax = q.global_amax = q.amin = None
+        q.observe(w)
+        w = q(w)
+    lin._qweight = None
+
+
+def _gptq(
+    linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, params: AlgorithmParams
+) -> None:
+    for name, lin in linears.items():
+        h = stats[name].hessian if name in stats else None
+        if h is None:
+            continue
+        maps = _scale_maps(lin)
+
+        def quantize_columns(cols: Tensor, idx: Tensor, maps: list[ScaleMap] = maps) -> Tensor:
+            for m in maps:
+                cols = m.fake_quant(cols, idx)
+            return cols
+
+        q, _ = gptq.gptq_quantize(
+            lin.weight, h, quantize_columns, block_size=params.gptq_block_size, damp=params.gptq_damp,
+            act_order=params.gptq_act_order, name=f"{info.prefix}.{name}",
+        )  # fmt: skip
+        lin.weight.data = q.to(lin.weight.dtype)
+        lin._qweight = None
+    _round_to_storage_all(linears, info)
+
+
+def _round_to_storage_all(linears: dict[str, QuantLinear], info: LayerInfo) -> None:
+    if not info.storage_dtypes:
+        return
+    for name, lin in linears.items():
+        dt = info.storage_dtypes.get(f"{name}.weight")
+        if dt is not None and dt != lin.weight.dtype:
+            lin.weight.data = lin.weight.data.to(dt).to(lin.weight.dtype)
+
+
+def _scale_maps(lin: QuantLinear) -> list[ScaleMap]:
+    """Each chain stage's scales, from the calibrated statistics, expanded to the weight's shape."""
+    maps = []
+    w = lin.weight.detach().float()
+    for q in lin.weight_quantizer.quantizers():
+        maps.append(scale_map(w, q.fmt, q.amax, q.global_amax, q.amin))
+        w = q(w)
+    return maps
+
+
+# --- activations -------------------------------------------------------------------------------------------
+
+
+def _static_activations(layer: nn.Module) -> bool:
+    """Whether any activation quantizer keeps calibrated statistics (dynamic-only formats need no data)."""
+    return any(
+        (q.needs_block_amax or q.fmt.global_scale) and ".weight_quantizer" not in n
+        for n, q in all_quantizers(layer)
+    )
+
+
+def _activation_quantizers(layer: nn.Module) -> list[Any]:
+    return [
+        q for n, q in all_quantizers(layer)
+        if ".weight_quantizer" not in n and (n.endswith("input_quantizer") or n.rpartition(".")[2] in KV_QUANTIZERS)
+    ]  # fmt: skip
+
+
+def _reset_activation_stats(layer: nn.Module) -> None:
+    for q in _activation_quantizers(layer):
+        q.amax = q.global_amax = q.amin = None
+        if q.samples is not None:
+            q.samples = []
+
+
+def _set_sampling(layer: nn.Module, on: bool) -> None:
+    for q in _activation_quantizers(layer):
+        per_tensor = q.fmt.granularity == "tensor" and not q.fmt.dynamic and q.fmt.symmetric
+        q.samples = [] if on and per_tensor else None
+
+
+def _activation_search(layer: nn.Module, steps: frozenset[str], params: AlgorithmParams) -> None:
+    for q in _activation_quantizers(layer):
+        if q.samples:
+            q.amax = search.activation_amax(torch.cat(q.samples), q.fmt, "percentile", params.percentile, [])

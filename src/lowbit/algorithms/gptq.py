@@ -1,0 +1,89 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, feeding each column's error forward to the
+columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+With H = E[x x^T] (in x in) and U the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, for column
+j: q_j = Q(w_j), e_j = (w_j - q_j) / U_jj, and every later column k gets w_k -= e_j U_jk (lazily, in blocks
+of `block_size` columns). With `act_order` the columns go by descending diag(H); the scales are fixed from
+the whole weight beforehand (static groups), so every group keeps the scale it is stored with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_TRIES = 6  # damp, 10 damp, ... before giving up
+
+
+def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "") -> tuple[Tensor, float]:
+    """(U upper-triangular with U^T U = (H + lambda I)^-1, the damping fraction used). On a Cholesky failure
+    the damping is raised tenfold and retried; after MAX_DAMP_TRIES a LowbitError, never garbage."""
+    diag_mean = float(torch.diagonal(hessian).mean())
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    frac = damp
+    for _ in range(MAX_DAMP_TRIES):
+        h = hessian + frac * max(diag_mean, 1e-8) * eye
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                if frac != damp:
+                    log.warning(
+                        "%s: Hessian not positive definite at damp %g; used damp %g", name, damp, frac
+                    )
+                return upper, frac
+        frac *= 10
+    raise LowbitError(
+        f"{name}: GPTQ's Hessian stays singular up to damp {frac / 10:g}; the calibration data barely reaches "
+        "this module: use more --calib-size, or another --algorithm for it"
+    )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: Tensor,
+    hessian: Tensor,
+    quantize_columns: Callable[[Tensor, Tensor], Tensor],
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    name: str = "",
+) -> tuple[Tensor, float]:
+    """(quantized weight (out, in) float32, damping used). `quantize_columns(cols, idx)` fake-quantizes the
+    columns `idx` (original order) of the weight given as `cols` (out, len(idx)) with their fixed scales."""
+    w = w.detach().float().clone()
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: any value is exact
+    h[dead, dead] = 1.0
+    n = w.shape[1]
+    perm = (
+        torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n, device=w.device)
+    )
+    w, h = w[:, perm], h[perm][:, perm]
+    u, used = inverse_hessian_factor(h, damp, name)
+    q = torch.zeros_like(w)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[:, i1:i2].clone()
+        err = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i : i + 1]
+            qc = quantize_columns(col, perm[i1 + i : i1 + i + 1])
+            q[:, i1 + i] = qc[:, 0]
+            e = (col[:, 0] - qc[:, 0]) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i : i + 1, i:]
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out, used

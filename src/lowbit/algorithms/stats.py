@@ -1,0 +1,103 @@
+"""Statistics of each quantized Linear's input, gathered with forward hooks during one calibration pass.
+
+Linears that read the same tensor (q/k/v, gate/up) share one `InputStats`, so the Hessian of a shared input
+is accumulated once. Per input channel j over the n tokens x seen:
+
+- `amax[j]   = max |x_j|`                       (SmoothQuant)
+- `absmean[j] = sum |x_j| / n`                  (AWQ)
+- `hessian   = sum x x^T / n`   (in x in, fp32)  (GPTQ, AWQ's loss, the per-layer error report)
+
+The output error of a weight change D (out x in) on these inputs is `tr(D H D^T)` (`output_error`), which is
+how AWQ's searches and the error report measure a candidate without keeping the activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class InputStats:
+    in_features: int
+    hessian_rows: int | None = None  # tokens per batch that go into the Hessian (None: all)
+    n: int = 0
+    n_hessian: int = 0
+    amax: Tensor | None = None
+    abssum: Tensor | None = None
+    hessian_sum: Tensor | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, self.in_features).float()
+        a = x.abs()
+        self.amax = a.amax(0) if self.amax is None else torch.maximum(self.amax, a.amax(0))
+        self.abssum = a.sum(0) if self.abssum is None else self.abssum.add_(a.sum(0))
+        self.n += x.shape[0]
+        if (
+            self.hessian_rows is not None and x.shape[0] > self.hessian_rows
+        ):  # evenly spaced tokens of this batch
+            x = x[torch.linspace(0, x.shape[0] - 1, self.hessian_rows, device=x.device).long()]
+        if self.hessian_sum is None:
+            self.hessian_sum = torch.zeros(self.in_features, self.in_features, device=x.device)
+        self.hessian_sum.addmm_(x.t(), x)
+        self.n_hessian += x.shape[0]
+
+    @property
+    def absmean(self) -> Tensor:
+        assert self.abssum is not None
+        return self.abssum / max(self.n, 1)
+
+    @property
+    def hessian(self) -> Tensor | None:
+        """E[x x^T] over the tokens seen (fp32, in x in)."""
+        return None if self.hessian_sum is None else self.hessian_sum / max(self.n_hessian, 1)
+
+    def scale_inputs(self, s: Tensor) -> None:
+        """The statistics of x / s (after smoothing folds 1/s into the input)."""
+        if self.amax is not None:
+            self.amax = self.amax / s
+        if self.abssum is not None:
+            self.abssum = self.abssum / s
+        if self.hessian_sum is not None:
+            inv = 1.0 / s
+            self.hessian_sum = self.hessian_sum * inv[:, None] * inv[None, :]
+
+
+def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
+    """Mean squared output change per token, summed over outputs: tr(D H D^T) for D (out, in)."""
+    return ((delta @ hessian) * delta).sum()
+
+
+@contextmanager
+def collect_inputs(
+    linears: Mapping[str, nn.Module], hessian_rows: int | None
+) -> Iterator[dict[str, InputStats]]:
+    """Hooks that fill {name: InputStats} while the caller runs forward passes. Linears called with the very
+    same tensor object as the Linear before them (q/k/v, gate/up) share that one's InputStats."""
+    stats: dict[str, InputStats] = {}
+    last: list[object] = [
+        None,
+        None,
+    ]  # [the last input seen (kept alive, so identity is reliable), its stats]
+
+    def hook(name: str, args: tuple[Tensor, ...]) -> None:
+        x = args[0]
+        if x is last[0]:
+            stats.setdefault(name, last[1])  # type: ignore[arg-type]
+            if stats[name] is last[1]:
+                return
+        own = stats.setdefault(name, InputStats(x.shape[-1], hessian_rows))
+        own.add(x)
+        last[0], last[1] = x, own
+
+    handles = [m.register_forward_pre_hook(lambda _, a, n=name: hook(n, a)) for name, m in linears.items()]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,166 @@
+"""The algorithms' maths as small pure functions: SmoothQuant, AWQ, GPTQ, the scale searches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.algorithms import gptq, search, smoothing
+from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
+from lowbit.errors import LowbitError
+from lowbit.formats.scaled import FP8_TENSOR, INT4_G32, INT4_G128, NVFP4, fake_quant, scale_map
+
+
+def _correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(n, k, generator=g) @ mix
+    return x * torch.linspace(0.2, 5.0, k)  # some channels much larger: outliers
+
+
+def test_smoothquant_leaves_the_float_output_unchanged():
+    torch.manual_seed(0)
+    norm = nn.RMSNorm(64)
+    norm.weight.data = torch.rand(64) + 0.5
+    linears = [nn.Linear(64, 32, bias=False), nn.Linear(64, 48, bias=False)]
+    x = torch.randn(10, 64) * torch.linspace(0.1, 20, 64)
+    before = [lin(norm(x)) for lin in linears]
+    act = norm(x).abs().amax(0)
+    s = smoothing.smoothquant_scales(act, smoothing.weight_amax([lin.weight for lin in linears]), 0.5)
+    smoothing.fold(norm, linears, s)
+    for lin, ref in zip(linears, before, strict=True):
+        torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_folding_into_a_previous_linear_with_grouped_heads_is_exact():
+    torch.manual_seed(0)
+    heads, kv, hd = 4, 2, 8
+    v = nn.Linear(32, kv * hd, bias=True)
+    o = nn.Linear(heads * hd, 32, bias=False)
+    c = torch.arange(heads * hd)
+    cmap = (c // hd) // (heads // kv) * hd + c % hd
+    x = torch.randn(5, 32)
+    ref = o(v(x)[:, cmap])  # each q head reads its kv head's values
+    s = torch.rand(kv * hd) + 0.5
+    smoothing.fold(v, [o], s, cmap)
+    torch.testing.assert_close(o(v(x)[:, cmap]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_awq_with_alpha_zero_is_round_to_nearest():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = _correlated_inputs(512, 256)
+    h = x.t() @ x / len(x)
+    cands = smoothing.awq_candidates(x.abs().mean(0), smoothing.weight_importance([w], 128), grid=1)
+    assert [label for label, _ in cands] == ["x^0.00"]
+    s, _, losses = smoothing.awq_search([w], h, cands, lambda t: fake_quant(t, INT4_G128))
+    assert torch.equal(s, torch.ones(256))
+    assert losses[0] == pytest.approx(float(output_error(fake_quant(w, INT4_G128) - w, h)), rel=1e-6)
+
+
+def test_awq_search_lowers_the_output_error_on_outlier_channels():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 5.0, 256)
+    x[:, :4] *= 20  # a few salient channels, the case AWQ is made for
+    h = x.t() @ x / len(x)
+    cands = smoothing.awq_candidates(x.abs().mean(0), smoothing.weight_importance([w], 128), grid=10)
+    _, label, losses = smoothing.awq_search([w], h, cands, lambda t: fake_quant(t, INT4_G128))
+    assert label != "x^0.00" and min(losses) < 0.99 * losses[0]
+
+
+def _column_quantizer(w, fmt):
+    m = scale_map(w, fmt)
+    return lambda cols, idx: m.fake_quant(cols, idx)
+
+
+@pytest.mark.parametrize("fmt", [INT4_G128, INT4_G32, NVFP4])
+def test_gptq_with_identity_hessian_is_round_to_nearest(fmt):
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    q, damp = gptq.gptq_quantize(w, torch.eye(256), _column_quantizer(w, fmt), act_order=False)
+    assert damp == 0.01
+    assert torch.equal(q, fake_quant(w, fmt))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(act_order):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = _correlated_inputs(2048, 256)
+    h = x.t() @ x / len(x)
+    q, _ = gptq.gptq_quantize(w, h, _column_quantizer(w, INT4_G128), act_order=act_order)
+    rtn = fake_quant(w, INT4_G128)
+    assert output_error(q - w, h) < 0.85 * output_error(rtn - w, h)
+    # every column stays on its group's grid (static groups): quantizing again changes nothing
+    assert torch.equal(scale_map(w, INT4_G128).fake_quant(q), q)
+
+
+def test_gptq_raises_the_damping_when_cholesky_fails_and_errors_when_it_cannot():
+    w = torch.randn(8, 16)
+    h = torch.kron(torch.eye(8), torch.tensor([[1.0, 2.0], [2.0, 1.0]]))  # eigenvalues 3 and -1, mean diag 1
+    q, damp = gptq.gptq_quantize(w, h, _column_quantizer(w, INT4_G32.replace(group_size=16)), damp=0.01)
+    assert damp >= 1.0 and torch.isfinite(q).all()
+    with pytest.raises(LowbitError, match="singular"):
+        gptq.gptq_quantize(
+            w, torch.full((16, 16), float("nan")), _column_quantizer(w, INT4_G32.replace(group_size=16))
+        )
+
+
+def test_clip_search_never_raises_amax_and_lowers_the_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    w[0, 3] = 12.0  # an outlier that max calibration lets dominate its group
+    ratios = search.clip_ratios(10, 0.5)
+    amax = search.search_weight_amax(w, INT4_G128, ratios)
+    full = w.abs().reshape(64, 2, 128).amax(-1)
+    assert (amax <= full + 1e-7).all() and (amax < full).any()
+    err = (fake_quant(w, INT4_G128, amax=amax) - w).pow(2).sum()
+    assert err < (fake_quant(w, INT4_G128) - w).pow(2).sum()
+
+
+def test_hessian_weighted_clip_search_lowers_the_output_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = _correlated_inputs(2048, 256)
+    h = x.t() @ x / len(x)
+    amax = search.search_weight_amax(w, NVFP4, search.clip_ratios(10, 0.5), h)
+    gamax = w.abs().amax()
+    clipped = fake_quant(w, NVFP4, amax=amax, global_amax=gamax)
+    assert output_error(clipped - w, h) < output_error(fake_quant(w, NVFP4) - w, h)
+
+
+def test_activation_amax_percentile_and_mse_stay_below_the_max():
+    torch.manual_seed(0)
+    x = torch.randn(100_000)
+    x[0] = 60.0
+    p = search.activation_amax(x.abs(), FP8_TENSOR, "percentile", 99.9, [1.0])
+    assert 3.0 < float(p) < 4.0
+    m = search.activation_amax(x, FP8_TENSOR, "mse", 99.9, search.clip_ratios(40, 0.05))
+    assert float(m) <= 60.0
+
+
+def test_shared_inputs_share_statistics_and_hessian_is_the_second_moment():
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(16, 8), nn.Linear(16, 4), nn.Linear(8, 2)
+    xs = [torch.randn(3, 5, 16) for _ in range(2)]
+    with collect_inputs({"a": a, "b": b, "c": c}, None) as stats:
+        for x in xs:
+            c(a(x) + b(x)[..., :1])
+    assert stats["a"] is stats["b"] and stats["c"] is not stats["a"]
+    flat = torch.cat([x.reshape(-1, 16) for x in xs])
+    torch.testing.assert_close(stats["a"].hessian, flat.t() @ flat / len(flat))
+    assert stats["a"].n == 30
+    torch.testing.assert_close(stats["a"].absmean, flat.abs().mean(0))
+
+
+def test_input_stats_follow_smoothing():
+    x = torch.randn(50, 8)
+    s = torch.rand(8) + 0.5
+    st, ref = InputStats(8), InputStats(8)
+    st.add(x)
+    ref.add(x / s)
+    st.scale_inputs(s)
+    torch.testing.assert_close(st.hessian, ref.hessian)
+    torch.testing.assert_close(st.amax, ref.amax)
