@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPTQ columns by descending Hessian diagonal, static groups (default on)",
     )
     q.add_argument("--percentile", type=float, default=None, help="activation amax percentile (percentile)")
+    q.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="calibrate each layer on the quantized layers' outputs (default) or on the float model's "
+        "(--no-sequential: one pass per layer, faster)",
+    )
     q.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or cached dataset name")
     q.add_argument("--calib-size", type=int, default=512)
     q.add_argument("--calib-seq-len", type=int, default=512)
@@ -167,7 +174,7 @@ def _recipe(args: argparse.Namespace) -> Any:
         recipe = recipe.with_algorithm(args.algorithm)
     if args.kv_cache is not None:
         recipe = recipe.with_kv_cache(args.kv_cache)
-    flags = ("sq_alpha", "awq_grid", "gptq_damp", "gptq_block_size", "gptq_act_order", "percentile")
+    flags = ("sq_alpha", "awq_grid", "gptq_damp", "gptq_block_size", "gptq_act_order", "percentile", "sequential")
     params = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     if params:
         recipe = recipe.with_params(**params)

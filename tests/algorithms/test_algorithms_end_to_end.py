@@ -83,3 +83,30 @@ def test_error_report_is_in_the_manifest_and_gptq_lowers_every_output_error(tmp_
         assert e["tokens"] == 32 * 256
         assert 0 < e["after"] < e["before"], name
     json.dumps(errors)
+
+
+def test_smoothed_input_amax_equals_a_fresh_pass_over_the_smoothed_model(tiny_llama, calib_ids):
+    """SmoothQuant sets per-tensor input amax to max_j(amax_j / s_j) instead of a second pass: the same."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.quant.api import quantize
+    from lowbit.quant.convert import quant_linears, set_calibrating
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    quantize(model, preset("int8_sq").with_algorithm("smoothquant"), lambda m: m(calib_ids))
+    derived = {n: lin.input_quantizer.amax.clone() for n, lin in quant_linears(model)}
+    for _, lin in quant_linears(model):
+        lin.input_quantizer.amax = None
+    set_calibrating(model, True)
+    with torch.no_grad():
+        model(calib_ids)
+    set_calibrating(model, False)
+    for name, lin in quant_linears(model):
+        torch.testing.assert_close(derived[name], lin.input_quantizer.amax, rtol=1e-4, atol=0, msg=name)
+
+
+def test_non_sequential_calibration_differs_and_stays_close(tmp_path, data):
+    kl_seq, _ = _kl(tmp_path, data, "int4_awq", "gptq")
+    kl_par, manifest = _kl(tmp_path / "par", data, "int4_awq", "gptq", sequential=False)
+    assert manifest["recipe"]["algorithm_params"]["sequential"] is False
+    assert kl_par != kl_seq and kl_par < 2 * kl_seq

@@ -5,8 +5,11 @@
 2. smoothing (SmoothQuant or AWQ) of the family's smoothing groups, folded into the float weights;
 3. weight scales: max, then AWQ's clip search (Hessian-weighted) or the MSE search;
 4. GPTQ on the weights, with those scales fixed;
-5. if the weights changed, a second pass calibrates the activation quantizers on the layer as it now is
-   ("percentile" takes per-tensor activation amax as a percentile of |x| sampled in this last pass).
+5. activation scales: smoothing divides input channel j by s_j, so a per-tensor input amax becomes
+   max_j(amax_j / s_j), exact from the per-channel statistics; only what that cannot cover (a smoothed V
+   feeding a quantized KV cache, per-channel static inputs) takes a second pass over the data. After GPTQ
+   the activation scales stay those of the float layer, as in the peers. "percentile" takes per-tensor
+   activation amax as a percentile of |x| sampled in the last pass.
 
 "mse" searches weight scales only: on LLM activations any clipping of the outlier channels costs far more
 than it saves (docs/results.md), so activation amax stays the max unless "percentile" is asked for.
@@ -100,19 +103,19 @@ def calibrate_layer(
             set_calibrating(layer, False)
     report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
               for n, lin in linears.items() if n in stats}  # fmt: skip
-    changed = _smooth(layer, linears, stats, info, steps, params)
+    smoothed = _smooth(layer, linears, stats, info, steps, params)
+    repass = _rescale_activation_stats(layer, linears, stats, smoothed)
     originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
     _weight_scales(linears, stats, info, steps, params)
     if "gptq" in steps:
-        _gptq(linears, stats, info, params)
-        changed = True
+        _gptq(linears, stats, info, params)  # activation scales stay those of the float layer, as in the peers
     for n, lin in linears.items():
         if n in stats:
             wq = lin.weight_quantizer(lin.weight.float())
             report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
             report[info.prefix + "." + n]["tokens"] = stats[n].n
     del originals
-    if changed and _static_activations(layer):
+    if repass:
         _reset_activation_stats(layer)
         set_calibrating(layer, True)
         try:
@@ -160,17 +163,41 @@ def _weight_error(wq: Tensor, w: Tensor) -> float:
 # --- smoothing ----------------------------------------------------------------------------------------------
 
 
+def _rescale_activation_stats(
+    layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], smoothed: list[Smooth]
+) -> bool:
+    """Set the input amax of smoothed linears from their rescaled per-channel statistics; True if some
+    activation statistic cannot be derived that way and needs another pass."""
+    repass = False
+    for group in smoothed:
+        for name in group.linears:
+            q = linears[name].input_quantizer
+            if q is None:
+                continue
+            st_amax = stats[name].amax
+            assert st_amax is not None
+            if q.fmt.granularity == "tensor" and q.fmt.symmetric and not q.fmt.dynamic:
+                q.amax = st_amax.max().reshape(())
+            elif q.fmt.global_scale and q.fmt.dynamic:
+                q.global_amax = st_amax.max().reshape(())
+            elif not q.fmt.dynamic:
+                repass = True
+        if group.heads and any(n.rpartition(".")[2] in KV_QUANTIZERS for n, _ in all_quantizers(layer)):
+            repass = True  # V itself was rescaled
+    return repass
+
+
 def _smooth(
     layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo,
     steps: frozenset[str], params: AlgorithmParams,
-) -> bool:  # fmt: skip
+) -> list[Smooth]:  # fmt: skip
     method = "smoothquant" if "smoothquant" in steps else "awq" if steps & {"awq_lite", "awq_full"} else None
     if method is None:
-        return False
+        return []
     if info.family is None or not info.family.smooth:
         log.warning("%s: no smoothing groups known for this architecture; %s skipped", info.prefix, method)
-        return False
-    changed = False
+        return []
+    smoothed: list[Smooth] = []
     for group in info.family.smooth:
         members = [linears.get(n) for n in group.linears]
         if any(m is None for m in members) or any(n not in stats for n in group.linears):
@@ -198,8 +225,8 @@ def _smooth(
         smoothing.fold(prev, mods, s, cmap_t)
         _round_to_storage(layer, info, [group.prev, *group.linears])
         st.scale_inputs(smoothing.expand(s, cmap_t))
-        changed = True
-    return changed
+        smoothed.append(group)
+    return smoothed
 
 
 def _awq_scale(

@@ -42,7 +42,7 @@ from lowbit.models.loading import (
     resolve_model,
     trim_heap,
 )
-from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears
+from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
 from lowbit.quant.recipe import Recipe, spec_to_dict
@@ -193,8 +193,11 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     modules: dict[str, Any] = {}
     errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
+    sequential = job.recipe.params.sequential
     for i in bar:
         prefix, layer = f"{path}.{i}", job.layers[i]
+        last = i + 1 == len(job.layers)
+        outputs: list[Tensor] | None = None
         orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
         if i < done:
             bar.set_postfix_str(f"replaying {prefix}")
@@ -205,7 +208,8 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             specs = convert(layer, job.recipe, prefix)
             _check_activations(states, prefix)
             info.prefix, info.storage_dtypes = prefix, orig_dtypes
-            loop = _loop_over(states) if job.uses_data else None
+            outputs = [] if job.uses_data and not sequential and not last else None
+            loop = _loop_over(states, outputs) if job.uses_data else None
             errors.update(calibrate_layer(layer, info, job.algorithm, job.recipe.params, loop))
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
         if i >= done:
@@ -216,9 +220,16 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
             job.writer.write_layer(i, weights, stats, extra={"errors": errors})
             del state, weights, stats
+        if job.uses_data and not sequential and not last:  # the next layer reads this one's float outputs
+            if outputs:
+                states[:] = [(out, kw) for out, (_, kw) in zip(outputs, states, strict=True)]
+            else:  # a replayed layer: its float weights, as when it was calibrated
+                set_calibrating(layer, True)
+                _advance(layer, states)
+                set_calibrating(layer, False)
         for _, linear in quant_linears(layer):
             linear.bake()  # the float weights are on disk: advance with one copy of the layer
-        if job.uses_data and i + 1 < len(job.layers):
+        if job.uses_data and sequential and not last:
             _advance(layer, states)
         layer.to("meta")
         trim_heap()
@@ -300,10 +311,18 @@ def _capture_inputs(
     return catcher.inputs
 
 
-def _loop_over(states: list[tuple[Tensor, dict[str, Any]]]) -> Callable[[nn.Module], None]:
+def _loop_over(
+    states: list[tuple[Tensor, dict[str, Any]]], outputs: list[Tensor] | None = None
+) -> Callable[[nn.Module], None]:
+    """The calibration loop over a layer's inputs; the first pass's outputs go to `outputs` if given."""
+
     def loop(layer: nn.Module) -> None:
+        record = outputs is not None and not outputs
         for hidden, kwargs in states:
-            layer(hidden, **kwargs)
+            out = layer(hidden, **kwargs)
+            if record:
+                assert outputs is not None
+                outputs.append(out[0] if isinstance(out, tuple) else out)
 
     return loop
 

@@ -62,6 +62,9 @@ class AlgorithmParams:
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     gptq_act_order: bool = True  # columns by descending diag(H), with static groups
     percentile: float = 99.99  # activation amax percentile ("percentile" step)
+    # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
+    # model's activations (one pass per layer instead of two, as ModelOpt does)
+    sequential: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
