@@ -54,7 +54,7 @@ ALGORITHMS = (*ALGORITHM_STEPS, "awq+gptq", "awq_full+gptq", "smoothquant+gptq",
 class AlgorithmParams:
     """Parameters of the calibration algorithms (CLI flags / the `algorithm_params` key of a YAML recipe)."""
 
-    sq_alpha: float = 0.5  # SmoothQuant migration strength (see docs/results.md for the sweep)
+    sq_alpha: float = 1.0  # SmoothQuant migration strength (the sweep in docs/results.md: 1.0 is best)
     awq_grid: int = 20  # AWQ alpha grid points in [0, 1)
     clip_grid: int = 10  # clip ratios 1.0, 0.95, ... (awq_clip, mse)
     clip_min: float = 0.5  # smallest clip ratio
@@ -185,10 +185,10 @@ PRESETS: dict[str, Recipe] = {
         Recipe("fp8_pb_wo", _all(FP8_BLOCK128)),
         Recipe("int8_sq", _all(INT8_CHANNEL, INT8_TENSOR), algorithm="smoothquant"),
         Recipe("int8_wo", _all(INT8_CHANNEL)),
-        Recipe("int4_awq", _all(INT4_G128), algorithm="awq_lite"),
-        Recipe("w4a8_awq", _all((INT4_G128, FP8_TENSOR), FP8_TENSOR), algorithm="awq_lite"),
+        Recipe("int4_awq", _all(INT4_G128), algorithm="awq_full"),
+        Recipe("w4a8_awq", _all((INT4_G128, FP8_TENSOR), FP8_TENSOR), algorithm="awq_full"),
         Recipe("nvfp4", _all(NVFP4, NVFP4_DYNAMIC)),
-        Recipe("nvfp4_awq", _all(NVFP4, NVFP4_DYNAMIC), algorithm="awq_lite"),
+        Recipe("nvfp4_awq", _all(NVFP4, NVFP4_DYNAMIC), algorithm="awq_full"),
         Recipe("nvfp4_wo", _all(NVFP4)),
         Recipe("mxfp8", _all(MXFP8, MXFP8_DYNAMIC), algorithm="none"),
         Recipe("mxfp4", _all(MXFP4, MXFP4_DYNAMIC), algorithm="none"),
