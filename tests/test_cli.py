@@ -94,9 +94,9 @@ def test_megatron_bridge_spellings_and_algorithm_report(tiny_llama, text_file, t
         "--calib-seq-len",
         "32",
     )
-    assert code == 0 and "algorithm awq_lite" in stdout
+    assert code == 0 and "algorithm awq_full" in stdout
     manifest = json.loads((out / "lowbit.json").read_text())
-    assert manifest["algorithm"] == "awq_lite"
+    assert manifest["algorithm"] == "awq_full"
     errors = manifest["errors"]["model.layers.0.mlp.down_proj"]
     assert 0 < errors["after"] <= errors["before"]
 
