@@ -1,5 +1,9 @@
 """Every lowbit preset on one model: perplexity, KL from the BF16 model, top-1 agreement, time.
 
+`peak_rss_mb` is ru_maxrss right after the quantize call (with --isolate: that run's own, before the base
+model and its logits are loaded for evaluation); `quant_seconds` its wall time (reading and writing the
+checkpoint included).
+
 Protocol (shared with benchmarks/peers/): calibration = `calibration_windows(calib, tok, 512, 512, seed 0)`;
 evaluation = every consecutive 512-token window of the eval text, base and quantized model both run in
 float32 from the BF16 checkpoint.
@@ -65,9 +69,7 @@ def main() -> None:
     windows = eval_windows(args.eval, tok, args.seq_len)
     if args.eval_samples:
         windows = windows[: args.eval_samples]
-    base, _ = load_model(args.model)
-    with torch.no_grad():
-        base_logits = [base(b, use_cache=False).logits for b in windows.split(args.batch_size)]
+    base_logits: list[torch.Tensor] = []  # after the first quantization, so its peak RSS is its own
     work = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,14 @@ def main() -> None:
                 start = time.perf_counter()
                 res = quantize_checkpoint(args.model, recipe, work / name, calib, progress=False)
                 seconds = time.perf_counter() - start
+                quant_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                if not base_logits:
+                    base, _ = load_model(args.model)
+                    with torch.no_grad():
+                        base_logits = [
+                            base(b, use_cache=False).logits for b in windows.split(args.batch_size)
+                        ]
+                    del base
                 model, _ = load_model(res.output)
                 sums = MetricSums()
                 with torch.no_grad():
@@ -96,7 +106,8 @@ def main() -> None:
                     "params": recipe.params.to_dict(),
                     **sums.result(),
                     "quant_seconds": round(seconds, 2),
-                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                    "peak_rss_mb": round(quant_rss),
+                    "peak_rss_mb_with_eval": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 }
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")

@@ -1,4 +1,5 @@
-"""Peak resident memory of `lowbit quantize --qformat fp8` on two synthetic Llama models of the same width.
+"""Peak resident memory of `lowbit quantize` (default `--qformat fp8`) on two synthetic Llama models of the
+same width.
 
 Goal (lowbit's issue): from the 8-layer to the 32-layer model (~3.2 GB of BF16 weights) the peak RSS grows
 by less than 20%, and on the 32-layer model it stays under half the model's size on disk.
@@ -11,6 +12,8 @@ psutil for a coarse timeline. Writes benchmarks/results/memory.json and memory.t
     python benchmarks/memory/run.py                                  # 8 and 32 layers, calib 32 x 256
     python benchmarks/memory/run.py --calib-size 128 --calib-seq-len 512 \
         --out benchmarks/results/memory-calib128x512.json
+    python benchmarks/memory/run.py --layers 8 32 --qformat int4_awq --algorithm gptq \
+        --out benchmarks/results/memory-int4-gptq.json
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def model_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def complete(path: Path) -> bool:
+    """Every shard the index names is there (make_synthetic.py moves a model into place only when done)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return False
+    return all((path / f).is_file() for f in set(json.loads(index.read_text())["weight_map"].values()))
+
+
 def ensure_model(work: Path, layers: int, args: argparse.Namespace) -> Path:
     """Build the synthetic model unless a complete one with the same settings is there."""
     path = model_dir(work, layers)
@@ -66,7 +77,7 @@ def ensure_model(work: Path, layers: int, args: argparse.Namespace) -> Path:
         made = json.loads(made_file.read_text())
         same = all(made.get(k) == v for k, v in wanted.items())
         same = same and made.get("tokenizer_source") == str(make_synthetic.tokenizer_source())
-        if same and model_bytes(path) == made.get("total_size"):
+        if same and complete(path):
             print(f"using {path} ({model_bytes(path) / GB:.2f} GB)")
             return path
     cmd = [
@@ -137,7 +148,7 @@ def downsample(trace: list[tuple[float, int]], points: int) -> list[list[float]]
 
 def run_model(work: Path, layers: int, args: argparse.Namespace) -> dict[str, Any]:
     path = model_dir(work, layers)
-    output = work / f"llama-{layers}L-fp8"
+    output = work / f"llama-{layers}L-{args.qformat}"
     cmd = [
         sys.executable,
         "-m",
@@ -146,7 +157,9 @@ def run_model(work: Path, layers: int, args: argparse.Namespace) -> dict[str, An
         "--model",
         str(path),
         "--qformat",
-        "fp8",
+        args.qformat,
+        "--algorithm",
+        args.algorithm,
         "--calib-data",
         str(args.calib_data),
         "--calib-size",
@@ -165,7 +178,7 @@ def run_model(work: Path, layers: int, args: argparse.Namespace) -> dict[str, An
     for stale in (output.with_name(output.name + ".partial"),):
         if stale.exists():
             shutil.rmtree(stale)
-    log_path = work / f"quantize-{layers}L.log"
+    log_path = work / f"quantize-{layers}L-{args.qformat}-{args.algorithm}.log"
     print(f"quantizing {layers} layers:", " ".join(cmd), flush=True)
     code = src_state()
     m = measure(cmd, log_path, args.sample_interval)
@@ -222,7 +235,10 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     growth = large["peak_rss_gb"] / small["peak_rss_gb"] - 1
     over, n = large["peak_over_model"], large["layers"]
     return {
-        "benchmark": "peak RSS of `lowbit quantize --qformat fp8 --device cpu` on synthetic Llama models",
+        "benchmark": f"peak RSS of `lowbit quantize --qformat {args.qformat} --algorithm {args.algorithm} "
+        "--device cpu` on synthetic Llama models",
+        "qformat": args.qformat,
+        "algorithm": args.algorithm,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "lowbit_version": lowbit_version(),
         "git_commit": git_commit(),
@@ -287,7 +303,8 @@ def table(result: dict[str, Any]) -> str:
     cal = result["calibration"]
     lines.insert(
         0,
-        f"# lowbit quantize --qformat fp8 --device cpu, calibration {cal['samples']} x {cal['seq_len']} "
+        f"# lowbit quantize --qformat {result.get('qformat', 'fp8')} --algorithm {result.get('algorithm', 'max')} "
+        f"--device cpu, calibration {cal['samples']} x {cal['seq_len']} "
         f"tokens ({Path(cal['data']).name}), lowbit {result['lowbit_version']} ({', '.join(result['lowbit_src'])})",
     )
     for goal, ok in result["goals"].items():
@@ -302,6 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--work-dir", default=str(REPO / ".bench" / "memory"), help="models and outputs (git-ignored)"
     )
     p.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--qformat", default="fp8")
+    p.add_argument("--algorithm", default="max", help="lowbit --algorithm (gptq, awq_full, ...)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--seed", type=int, default=0)

@@ -60,7 +60,8 @@ def test_unknown_preset_suggests_closest():
 def test_yaml_recipe(tmp_path):
     path = tmp_path / "mixed.yaml"
     path.write_text(
-        "name: mixed\nkv_cache: fp8\nexclude: ['*layers.0.*']\nrules:\n"
+        "name: mixed\nkv_cache: fp8\nexclude: ['*layers.0.*']\n"
+        "algorithm: awq+gptq\nalgorithm_params: {gptq_damp: 0.05, sequential: false}\nrules:\n"
         "  - {pattern: '*mlp*', weight: {format: int4_g128, group_size: 64}}\n"
         "  - {pattern: '*o_proj', weight: null}\n"
         "  - {pattern: '*', weight: nvfp4, input: nvfp4_dynamic}\n"
@@ -70,6 +71,7 @@ def test_yaml_recipe(tmp_path):
     assert r.resolve("model.layers.1.self_attn.o_proj") is None
     assert r.resolve("model.layers.1.self_attn.q_proj").weight == (NVFP4,)
     assert r.resolve("model.layers.0.self_attn.q_proj") is None
+    assert r.algorithm == "awq_lite+gptq" and r.params.gptq_damp == 0.05 and r.params.sequential is False
     assert recipe_from_dict(r.to_dict()) == r
 
 
@@ -85,6 +87,8 @@ def test_yaml_recipe(tmp_path):
         ("rules:\n  - {pattern: '*', weight: {format: fp8_tensor, group_size: 64}}\n", "has no groups"),
         ("algorithm: awq_ful\n", "did you mean 'awq_full'"),
         ("rules: [\n", "not valid YAML"),
+        ("algorithm_params: {gptq_dmp: 0.1}\n", "unknown algorithm parameter 'gptq_dmp'.*did you mean 'gptq_damp'"),
+        ("algorithm: smoothquant+awq_full\n", "SmoothQuant and AWQ both smooth"),
     ],
 )
 def test_yaml_errors_name_the_cause(tmp_path, text, message):

@@ -32,6 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.families import family
 from lowbit.models.loading import (
     SafetensorsReader,
+    bound_heap,
     build_meta_model,
     free_memory_bytes,
     load_config,
@@ -142,6 +143,7 @@ def quantize_checkpoint(
     output, while a crash keeps it for --resume.
     """
     start = time.perf_counter()
+    bound_heap()
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
     layers_path = family(config.model_type).layers

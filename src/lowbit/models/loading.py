@@ -195,6 +195,17 @@ def release(module: nn.Module, skip: Iterable[str] = ()) -> None:
     trim_heap()
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Serve allocations of `threshold` bytes and more by mmap, returned to the OS when freed. glibc's
+    default threshold adapts upwards to the largest freed block, after which layer-sized tensors land in a
+    heap that fragments and grows with depth (docs/results.md, memory benchmark)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+
+
 def trim_heap() -> None:
     """Give freed heap pages back to the OS (glibc keeps them otherwise, inflating the resident set)."""
     with contextlib.suppress(OSError, AttributeError):

@@ -1,0 +1,88 @@
+"""One table for lowbit and the peers (same model, calibration and evaluation), and the issue's goals.
+
+    python benchmarks/side_by_side.py benchmarks/results/lowbit-pydocs-algorithms.jsonl \
+        benchmarks/results/peers-pydocs-algorithms.jsonl [more.jsonl ...]
+
+Prints: tool, preset, algorithm, perplexity, KL from the BF16 model, top-1 agreement, wall time of the
+quantize call, peak resident memory (or the peer's error), then per preset lowbit's best KL against the
+best peer's and lowbit's time against the faster peer's for the same preset and algorithm family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FAMILY = {  # algorithm -> family, to pair lowbit with a peer running "the same algorithm"
+    "smoothquant": "smoothquant", "awq_lite": "awq", "awq_full": "awq", "awq_clip": "awq", "awq": "awq",
+    "gptq": "gptq", "gptq_actorder": "gptq", "max": "max",
+}  # fmt: skip
+
+
+def rows(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return out
+
+
+def g(v: object, d: int = 4) -> str:
+    return "-" if v is None else f"{v:.{d}g}" if isinstance(v, float) else str(v)
+
+
+def family(algorithm: str) -> str:
+    return FAMILY.get(algorithm, "+".join(sorted(FAMILY.get(s, s) for s in algorithm.split("+"))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", type=Path, nargs="+")
+    args = p.parse_args()
+    all_rows = rows(args.files)
+    print("| tool | preset | algorithm | ppl | KL | top-1 | quantize s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(all_rows, key=lambda r: (r["preset"], r["tool"], r.get("algorithm", ""))):
+        if r.get("error"):
+            print(
+                f"| {r['tool']} | {r['preset']} | {r.get('algorithm')} | error: {r['error'][:100]} | | | | |"
+            )
+            continue
+        print(
+            f"| {r['tool']} | {r['preset']} | {r.get('algorithm')} | {g(r['ppl'], 5)} | {g(r['kl'])} | "
+            f"{g(r['top1_agree'])} | {g(r.get('quant_seconds'))} | {g(r.get('peak_rss_mb'))} |"
+        )
+    ok = [r for r in all_rows if not r.get("error")]
+    ours = [r for r in ok if r["tool"] == "lowbit"]
+    peers = [r for r in ok if r["tool"] != "lowbit"]
+    print("\n| preset | lowbit best (algorithm) | best peer (tool, algorithm) | ratio | KL goal (<= 1) |")
+    print("|---|---|---|---|---|")
+    for preset in sorted({r["preset"] for r in peers}):
+        mine = [r for r in ours if r["preset"] == preset]
+        theirs = [r for r in peers if r["preset"] == preset]
+        if not mine:
+            continue
+        a = min(mine, key=lambda r: r["kl"])
+        b = min(theirs, key=lambda r: r["kl"])
+        ratio = a["kl"] / b["kl"]
+        print(
+            f"| {preset} | {g(a['kl'])} ({a['algorithm']}) | {g(b['kl'])} ({b['tool']}, {b['algorithm']}) | "
+            f"{ratio:.3f} | {'met' if ratio <= 1 else 'NOT met'} |"
+        )
+    print("\n| preset | algorithm | lowbit s | faster peer s (tool) | ratio | time goal (<= 0.5) |")
+    print("|---|---|---|---|---|---|")
+    for r in sorted(ours, key=lambda r: (r["preset"], r["algorithm"])):
+        fam = family(r["algorithm"])
+        same = [q for q in peers if q["preset"] == r["preset"] and family(q.get("algorithm", "")) == fam]
+        if not same or not r.get("quant_seconds"):
+            continue
+        q = min(same, key=lambda q: q["quant_seconds"])
+        ratio = r["quant_seconds"] / q["quant_seconds"]
+        print(
+            f"| {r['preset']} | {r['algorithm']} | {g(r['quant_seconds'])} | {g(q['quant_seconds'])} ({q['tool']}, "
+            f"{q['algorithm']}) | {ratio:.2f} | {'met' if ratio <= 0.5 else 'NOT met'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
