@@ -4,9 +4,11 @@ Runs inside the peers' own venvs, so it needs only torch + transformers; the dat
 lowbit's own (src/lowbit/data/text.py, src/lowbit/eval/metrics.py import only torch), taken from the
 repository's src/ folder so both peers see exactly lowbit's calibration samples and evaluation protocol.
 
-Per format: load the BF16 checkpoint in float32 (not timed) -> quantize with calibration (timed: quant_seconds;
-peak_rss_mb = the process high-water mark right after it) -> evaluate the quantized model against the
-unquantized float32 model batch by batch (batch 8, use_cache=False) with lowbit's MetricSums.
+Per run (a preset and a calibration algorithm: "max" = round to nearest with amax calibration, or one of the
+tool's own algorithms such as SmoothQuant, AWQ, GPTQ): load the BF16 checkpoint in float32 (not timed) -> quantize
+with calibration (timed: quant_seconds; peak_rss_mb = the process high-water mark right after it) -> evaluate the
+quantized model against the unquantized float32 model batch by batch (batch 8, use_cache=False) with lowbit's
+MetricSums.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,26 +38,61 @@ CALIB_BATCH = 16
 EVAL_BATCH = 8
 
 
-def parse_args(tool: str, formats: list[str], argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=f"{tool} max-calibrated PTQ benchmark with lowbit's eval protocol")
+Run = tuple[str, str]  # (preset, algorithm)
+
+
+def parse_args(
+    tool: str,
+    formats: list[str],
+    argv: list[str] | None = None,
+    algorithms: dict[str, list[str]] | None = None,
+    algorithm_runs: list[Run] | None = None,
+) -> argparse.Namespace:
+    """`formats`: the presets this tool runs with "max"; `algorithms`: preset -> the tool's other algorithms for it;
+    `algorithm_runs`: the default list of algorithm runs (--algorithm-runs)."""
+    algorithms = algorithms or {}
+    algorithm_runs = algorithm_runs or []
+    choices = [f"{p}:{a}" for p, algos in algorithms.items() for a in algos]
+    p = argparse.ArgumentParser(description=f"{tool} PTQ benchmark with lowbit's eval protocol")
     p.add_argument("--model", default="/work/shared/models/pydocs-llama")
     p.add_argument("--calib", default="/work/shared/data/pydocs/calib.txt")
     p.add_argument("--eval", default="/work/shared/data/pydocs/eval.txt")
-    p.add_argument("--formats", default=",".join(formats), help=f"comma list of: {', '.join(formats)}")
+    p.add_argument("--formats", default=None,
+                   help=f"comma list of presets run with algorithm max: {', '.join(formats)} "
+                        "(default: all of them, unless --runs or --algorithm-runs is given)")
+    p.add_argument("--runs", default=None,
+                   help="comma list of PRESET:ALGORITHM (PRESET alone or PRESET:max = a --formats entry); "
+                        f"algorithms: {', '.join(choices) or '-'}")
+    p.add_argument("--algorithm-runs", action="store_true",
+                   help="add the default algorithm runs: " + ",".join(f"{a}:{b}" for a, b in algorithm_runs))
     p.add_argument("--calib-size", type=int, default=512)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=512, help="evaluation window length")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate the first N windows (default all)")
-    p.add_argument("--out", required=True, help="JSONL file; one line per format is appended")
-    p.add_argument("--isolate", action="store_true", help="one subprocess per format (clean peak RSS)")
+    p.add_argument("--out", required=True, help="JSONL file; one line per run is appended")
+    p.add_argument("--isolate", action="store_true", help="one subprocess per run (clean peak RSS)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--no-base-cache", action="store_true",
-                   help="recompute the base model's eval logits for every format instead of caching them on disk")
+                   help="recompute the base model's eval logits for every run instead of caching them on disk")
     args = p.parse_args(argv)
-    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = [f for f in args.formats if f not in formats]
-    if unknown:
-        p.error(f"unknown format(s) {unknown}; choose from {formats}")
+
+    runs: list[Run] = []
+    if args.formats is None and args.runs is None and not args.algorithm_runs:
+        args.formats = ",".join(formats)
+    for f in (args.formats or "").split(","):
+        if f.strip():
+            runs.append((f.strip(), "max"))
+    for r in (args.runs or "").split(","):
+        if r.strip():
+            preset, _, algo = r.strip().partition(":")
+            runs.append((preset.strip(), algo.strip() or "max"))
+    if args.algorithm_runs:
+        runs.extend(algorithm_runs)
+    bad = [f"{a}:{b}" for a, b in runs
+           if not ((b == "max" and a in formats) or (b != "max" and b in algorithms.get(a, [])))]
+    if bad:
+        p.error(f"unknown run(s) {bad}; choose from max formats {formats} or {choices}")
+    args.runs = list(dict.fromkeys(runs))  # dedupe, keep order
     return args
 
 
@@ -135,42 +173,53 @@ def run(
     tool: str,
     tool_version: str,
     formats: list[str],
-    describe: Callable[[str], Any],
-    quantize: Callable[[Any, str, torch.Tensor], dict[str, Any] | None],
+    describe: Callable[[str, str], Any],
+    quantize: Callable[[Any, str, str, torch.Tensor], dict[str, Any] | None],
     argv: list[str] | None = None,
+    algorithms: dict[str, list[str]] | None = None,
+    algorithm_runs: list[Run] | None = None,
 ) -> None:
-    """describe(preset) -> peer_config (JSON-able); quantize(model, preset, calib_ids) -> extra fields."""
-    args = parse_args(tool, formats, argv)
+    """describe(preset, algorithm) -> peer_config (JSON-able); quantize(model, preset, algorithm, calib_ids) ->
+    extra fields. Python warnings raised inside quantize are recorded (deduplicated) in the row's "warnings"."""
+    args = parse_args(tool, formats, argv, algorithms, algorithm_runs)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    if args.isolate and len(args.formats) > 1:
+    if args.isolate and len(args.runs) > 1:
         rc = 0
-        for fmt in args.formats:
+        for preset, algo in args.runs:
             cmd = [sys.executable, sys.argv[0], *_argv_without(argv if argv is not None else sys.argv[1:]),
-                   "--formats", fmt]
-            print(f"[{tool}] isolate: {fmt}", flush=True)
+                   "--runs", f"{preset}:{algo}"]
+            print(f"[{tool}] isolate: {preset}:{algo}", flush=True)
             r = subprocess.run(cmd)
             if r.returncode != 0:
                 rc = r.returncode
-                _append(out, _row(tool, tool_version, fmt, _safe(describe, fmt),
+                _append(out, _row(tool, tool_version, preset, algo, _safe(describe, preset, algo),
                                   error=f"subprocess exited with code {r.returncode}"))
         sys.exit(rc)
 
     _, calib, ev = load_data(args)
     base = load_model(args.model)
-    for fmt in args.formats:
-        print(f"[{tool}] {fmt}: calib {tuple(calib.shape)} eval {tuple(ev.shape)} threads {args.threads}", flush=True)
-        row = _row(tool, tool_version, fmt, _safe(describe, fmt))
+    for preset, algo in args.runs:
+        label = f"{preset}:{algo}"
+        print(f"[{tool}] {label}: calib {tuple(calib.shape)} eval {tuple(ev.shape)} threads {args.threads}",
+              flush=True)
+        row = _row(tool, tool_version, preset, algo, _safe(describe, preset, algo))
         model = load_model(args.model)
         stage = "quantize"
+        caught: list[warnings.WarningMessage] = []
+        before = _linear_weights(model)
         try:
             t0 = time.perf_counter()
-            extra = quantize(model, fmt, calib) or {}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                extra = quantize(model, preset, algo, calib) or {}
             row["quant_seconds"] = round(time.perf_counter() - t0, 3)
             row["peak_rss_mb"] = round(peak_rss_mb(), 1)
             row.update(extra)
+            row["weights_modified_linears"] = _count_modified(model, before)
+            row["warnings"] = _dedupe_warnings(caught)
             stage = "eval"
             t1 = time.perf_counter()
             row.update(evaluate(model, base, ev, base_cache_dir(args, ev)))
@@ -181,22 +230,56 @@ def run(
             row["error"] = first_line(e)
             row["error_stage"] = stage
             row["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        print(f"[{tool}] {fmt}: {json.dumps(row)}", flush=True)
+            if stage == "quantize":  # how long the quantize call ran before it raised
+                row["failed_after_seconds"] = round(time.perf_counter() - t0, 3)
+                row["warnings"] = _dedupe_warnings(caught)
+        print(f"[{tool}] {label}: {json.dumps(row)}", flush=True)
         _append(out, row)
         del model
 
 
-def _row(tool: str, version: str, preset: str, peer_config: Any, error: str | None = None) -> dict[str, Any]:
+def _linear_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
+@torch.no_grad()
+def _count_modified(model, before: dict[str, torch.Tensor]) -> int:
+    """How many Linear weights the quantize call rewrote in place (0 for max/RTN fake quantization, which keeps the
+    float weights; SmoothQuant/AWQ fold scales into them, GPTQ writes its updated weights)."""
+    mods = dict(model.named_modules())
+    n = 0
+    for name, w in before.items():
+        cur = getattr(mods.get(name), "weight", None)
+        if not isinstance(cur, torch.Tensor) or cur.shape != w.shape or not torch.equal(cur.detach().float(), w.float()):
+            n += 1
+    return n
+
+
+def _dedupe_warnings(caught: list[warnings.WarningMessage], limit: int = 30) -> list[str]:
+    """Unique warning messages (category: first line, xN when repeated), also echoed to stderr."""
+    counts: dict[str, int] = {}
+    for w in caught:
+        lines = str(w.message).strip().splitlines()
+        key = f"{w.category.__name__}: {lines[0][:300] if lines else ''}"
+        counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        print(f"[warning x{n}] {key}", file=sys.stderr, flush=True)
+    return [k if n == 1 else f"{k} (x{n})" for k, n in list(counts.items())[:limit]]
+
+
+def _row(tool: str, version: str, preset: str, algorithm: str, peer_config: Any,
+         error: str | None = None) -> dict[str, Any]:
     return {
         "tool": tool, "tool_version": version, "preset": preset, "peer_config": peer_config,
-        "algorithm": "max", "ppl": None, "base_ppl": None, "kl": None, "top1_agree": None, "tokens": None,
+        "algorithm": algorithm, "ppl": None, "base_ppl": None, "kl": None, "top1_agree": None, "tokens": None,
         "quant_seconds": None, "peak_rss_mb": None, "error": error,
     }
 
 
-def _safe(describe: Callable[[str], Any], fmt: str) -> Any:
+def _safe(describe: Callable[[str, str], Any], preset: str, algorithm: str) -> Any:
     try:
-        return describe(fmt)
+        return describe(preset, algorithm)
     except Exception as e:
         return f"<{first_line(e)}>"
 
@@ -207,15 +290,15 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def _argv_without(argv: list[str]) -> list[str]:
-    """argv less --isolate and --formats X / --formats=X."""
+    """argv less --isolate, --algorithm-runs and --formats X / --runs X (or =X)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--isolate" or a.startswith("--formats="):
+        if a in ("--isolate", "--algorithm-runs") or a.startswith(("--formats=", "--runs=")):
             continue
-        if a == "--formats":
+        if a in ("--formats", "--runs"):
             skip = True
             continue
         out.append(a)
