@@ -107,8 +107,11 @@ def calibrate_layer(
     repass = _rescale_activation_stats(layer, linears, stats, smoothed)
     originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
     _weight_scales(linears, stats, info, steps, params)
+    tie_fused_scales(linears, info.family)
     if "gptq" in steps:
-        _gptq(linears, stats, info, params)  # activation scales stay those of the float layer, as in the peers
+        _gptq(
+            linears, stats, info, params
+        )  # activation scales stay those of the float layer, as in the peers
     for n, lin in linears.items():
         if n in stats:
             wq = lin.weight_quantizer(lin.weight.float())
@@ -136,6 +139,7 @@ def _calibrate_data_free(
     report: dict[str, dict[str, Any]] = {}
     before = {n: _weight_error(_rtn(lin), lin.weight) for n, lin in linears.items()}
     _weight_scales(linears, {}, info, steps, params)
+    tie_fused_scales(linears, info.family)
     for n, lin in linears.items():
         after = _weight_error(lin.weight_quantizer(lin.weight.float()), lin.weight)
         report[info.prefix + "." + n] = {"weight_before": before[n], "weight_after": after}
@@ -297,6 +301,46 @@ def _weight_scales(
             _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios, h))
         elif "mse" in steps:
             _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios))
+
+
+def tie_fused_scales(linears: dict[str, QuantLinear], family: Family | None) -> None:
+    """Give the Linears that engines fuse (q/k/v, gate/up) one per-tensor weight scale per chain stage: the
+    max of their amaxes (FP8 per-tensor, NVFP4's global scale, W4A8's FP8 level). Later stages of the chain
+    are recalibrated on the result. The fake-quantized model then computes what the fused engine GEMM does."""
+    if family is None:
+        return
+    for group in family.fused:
+        members = [linears[n] for n in group if n in linears]
+        if len(members) < 2:
+            continue
+        if len({m.spec.weight for m in members}) > 1:
+            log.warning("%s use different weight formats; engines that fuse them cannot load this", group)
+            continue
+        for stage, fmt in enumerate(members[0].spec.weight):
+            qs = [m.weight_quantizer.quantizers()[stage] for m in members]
+            attr = "global_amax" if fmt.global_scale else "amax" if fmt.granularity == "tensor" else None
+            if attr is None:
+                continue
+            values = [getattr(q, attr) for q in qs]
+            if any(v is None for v in values):
+                continue
+            shared = torch.stack([v.reshape(()) for v in values]).max()
+            for m, q in zip(members, qs, strict=True):
+                setattr(q, attr, shared.reshape(getattr(q, attr).shape).clone())
+                _recalibrate_after(m, stage)
+
+
+def _recalibrate_after(lin: QuantLinear, stage: int) -> None:
+    """Recalibrate the weight chain's stages after `stage` on the output of the stages up to it."""
+    qs = lin.weight_quantizer.quantizers()
+    w = lin.weight.detach()
+    for q in qs[: stage + 1]:
+        w = q(w)
+    for q in qs[stage + 1 :]:
+        q.amax = q.global_amax = q.amin = None
+        q.observe(w)
+        w = q(w)
+    lin._qweight = None
 
 
 def _set_first_amax(lin: QuantLinear, amax: Tensor) -> None:

@@ -34,6 +34,14 @@ LLAMA_SMOOTH = (
 )
 
 
+# Linears that inference engines fuse into one GEMM (one weight, one input): they must share their per-tensor
+# scales (FP8 weight scale, NVFP4 weight_scale_2, W4A8's FP8 level); calibration ties them (max amax).
+LLAMA_FUSED = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     model_types: tuple[str, ...]
@@ -43,6 +51,7 @@ class Family:
     # Linears whose clip search is skipped. AutoAWQ skips q/k (attention scores); on pydocs-llama clipping
     # them too gave 13% lower KL at int4 (docs/results.md), so no family skips any by default.
     no_clip: tuple[str, ...] = field(default=())
+    fused: tuple[tuple[str, ...], ...] = LLAMA_FUSED
 
 
 FAMILIES: tuple[Family, ...] = (

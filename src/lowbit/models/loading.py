@@ -64,10 +64,12 @@ def load_config(model_dir: Path) -> PretrainedConfig:
 class SafetensorsReader:
     """Tensor name -> file map over a checkpoint's safetensors files (single file or sharded index)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, files: list[str] | None = None) -> None:
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            pass
+        elif index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         else:

@@ -53,4 +53,5 @@ def _whole_model_family(model: nn.Module) -> Any:
         for i in range(n) for s in fam.smooth
     )  # fmt: skip
     no_clip = tuple(f"{fam.layers}.{i}.{x}" for i in range(n) for x in fam.no_clip)
-    return dataclasses.replace(fam, smooth=smooth, no_clip=no_clip)
+    fused = tuple(tuple(f"{fam.layers}.{i}.{x}" for x in group) for i in range(n) for group in fam.fused)
+    return dataclasses.replace(fam, smooth=smooth, no_clip=no_clip, fused=fused)

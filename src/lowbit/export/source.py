@@ -1,0 +1,212 @@
+"""What an exporter reads: a lowbit quantized checkpoint (or a plain model for no_quant), one unit at a time.
+
+A unit is the set of tensors of one decoder layer (`model.layers.3.*`), or everything outside the layers
+(embeddings, final norm, lm_head). Exporters walk the units in order, so peak memory is one layer whatever
+the model's size. In a unit, each quantized Linear is a `QLinear`: its stored float weight (already
+smoothed and, after GPTQ, on the quantization grid) and its calibrated statistics; `weight_qtensors()` gives
+the exact codes and scales the fake-quantized model computes with. K/V cache quantizers come as `KVScales`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lowbit.checkpoint.load import is_lowbit_checkpoint, read_manifest
+from lowbit.errors import LowbitError
+from lowbit.formats.scaled import QTensor, ScaledFormat, dequantize, quantize
+from lowbit.models.loading import SafetensorsReader, load_config_json, model_files_for_copy, resolve_model
+from lowbit.quant.linear import QuantSpec
+from lowbit.quant.recipe import format_from_data, spec_from_dict
+
+LAYER_INDEX = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+@dataclass
+class QLinear:
+    """One quantized Linear of the checkpoint: float weight as stored plus its quantizers' statistics."""
+
+    name: str  # module name, e.g. model.layers.0.self_attn.q_proj
+    spec: QuantSpec
+    weight: Tensor
+    bias: Tensor | None
+    weight_stats: list[dict[str, Tensor]]  # per quantizer of the weight chain: amax / global_amax / amin
+    input_stats: dict[str, Tensor] = field(default_factory=dict)
+
+    def weight_qtensors(self) -> list[QTensor]:
+        """The weight chain's quantized tensors: [q0] for one format; [INT4 groups, FP8 of their dequantized
+        values] for W4A8. Dequantizing the last one gives exactly the fake-quantized weight."""
+        out: list[QTensor] = []
+        w = self.weight.float()
+        for fmt, stats in zip(self.spec.weight, self.weight_stats, strict=True):
+            amax = None if fmt.dynamic else stats.get("amax")
+            q = quantize(w, fmt, amax=amax, global_amax=stats.get("global_amax"), amin=stats.get("amin"))
+            out.append(q)
+            w = dequantize(q)
+        return out
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize(self.weight_qtensors()[-1])
+
+    @property
+    def input_format(self) -> ScaledFormat | None:
+        return self.spec.input
+
+    def input_amax(self) -> Tensor | None:
+        """Calibrated per-tensor input amax (static formats), or the global amax of a two-level format."""
+        fmt = self.spec.input
+        if fmt is None:
+            return None
+        key = "global_amax" if fmt.global_scale else "amax"
+        return self.input_stats.get(key)
+
+
+@dataclass
+class KVScales:
+    """Calibrated K and V cache statistics of one attention module."""
+
+    attention: str  # module name, e.g. model.layers.0.self_attn
+    fmt: ScaledFormat
+    k_stats: dict[str, Tensor]
+    v_stats: dict[str, Tensor]
+
+    def amax(self, which: str) -> Tensor:
+        stats = self.k_stats if which == "k" else self.v_stats
+        t = stats.get("global_amax" if self.fmt.global_scale else "amax")
+        if t is None:
+            raise LowbitError(f"{self.attention}: no calibrated {which.upper()} cache amax; re-run quantize")
+        return t.float().reshape(())
+
+
+@dataclass
+class Unit:
+    label: str  # "shell" or the layer prefix, e.g. model.layers.3
+    tensors: dict[str, Tensor]  # every stored tensor of the unit except the quantized Linears' weights
+    linears: dict[str, QLinear]  # by module name
+    kv: dict[str, KVScales]  # by attention module name
+
+
+class Source:
+    """A lowbit checkpoint or a plain Hugging Face model directory, read unit by unit."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.dir = resolve_model(str(path))
+        self.config: dict[str, Any] = load_config_json(self.dir)
+        self.manifest: dict[str, Any] | None = (
+            read_manifest(self.dir) if is_lowbit_checkpoint(self.dir) else None
+        )
+        self.weights = SafetensorsReader(self.dir)
+        self.modules: dict[str, QuantSpec] = {}
+        self.kv_format: ScaledFormat | None = None
+        if self.manifest is not None:
+            for name, data in self.manifest["modules"].items():
+                spec = spec_from_dict(data)
+                if spec is None:
+                    raise LowbitError(
+                        f"{self.dir}: lowbit.json lists {name} without a format; re-run quantize"
+                    )
+                self.modules[name] = spec
+            kv = self.manifest["recipe"].get("kv_cache")
+            self.kv_format = format_from_data(kv, "kv_cache") if kv else None
+        stat_files = (
+            sorted(p.name for p in self.dir.glob("quantizers-*.safetensors")) if self.manifest else []
+        )
+        self.stats = SafetensorsReader(self.dir, stat_files)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.modules) or self.kv_format is not None
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+    @property
+    def preset(self) -> str:
+        return str(self.manifest["recipe"]["name"]) if self.manifest else "no_quant"
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.manifest.get("algorithm", "none")) if self.manifest else "none"
+
+    def tokenizer_files(self) -> list[Path]:
+        return model_files_for_copy(self.dir)
+
+    def tensor_names(self) -> list[str]:
+        return list(self.weights.file_of)
+
+    def unit_labels(self) -> list[str]:
+        """'shell' first, then each numbered block (decoder layer) in numeric order."""
+        layers = {_unit_of(n) for n in self.weights.file_of} - {"shell"}
+        return ["shell", *sorted(layers, key=_unit_key)]
+
+    def unit(self, label: str) -> Unit:
+        names = [n for n in self.weights.file_of if _unit_of(n) == label]
+        tensors = self.weights.read(names)
+        linears: dict[str, QLinear] = {}
+        for module, spec in self.modules.items():
+            if f"{module}.weight" not in tensors:
+                continue
+            stats = self._stats(module)
+            chain = [stats.get(f"weight_quantizer.{i}", {}) for i in range(len(spec.weight))]
+            linears[module] = QLinear(
+                module, spec, tensors.pop(f"{module}.weight"), tensors.pop(f"{module}.bias", None), chain,
+                stats.get("input_quantizer", {}),
+            )  # fmt: skip
+        kv: dict[str, KVScales] = {}
+        if self.kv_format is not None:
+            attn = {
+                k.rsplit(".", 2)[0] for k in self.stats.file_of if _unit_of(k) == label and "_quantizer." in k
+            }
+            for a in sorted(attn):
+                if (
+                    f"{a}.k_quantizer.amax" in self.stats.file_of
+                    or f"{a}.k_quantizer.global_amax" in self.stats.file_of
+                ):
+                    s = self._stats(a)
+                    kv[a] = KVScales(a, self.kv_format, s.get("k_quantizer", {}), s.get("v_quantizer", {}))
+        return Unit(label, tensors, linears, kv)
+
+    def units(self) -> Iterator[Unit]:
+        for label in self.unit_labels():
+            yield self.unit(label)
+
+    def _stats(self, module: str) -> dict[str, dict[str, Tensor]]:
+        """{quantizer path relative to module (weight_quantizer.0, input_quantizer, k_quantizer): {stat: t}}"""
+        if self.manifest is None:
+            return {}
+        prefix = module + "."
+        keys = [k for k in self.stats.file_of if k.startswith(prefix)]
+        out: dict[str, dict[str, Tensor]] = {}
+        for key, value in self.stats.read(keys).items():
+            rel = key[len(prefix) :]
+            qname, _, stat = rel.rpartition(".")
+            if "." in qname and not qname.startswith("weight_quantizer."):
+                continue  # a child module's quantizer (k_proj.input_quantizer under self_attn)
+            out.setdefault(qname, {})[stat] = value.float()
+        return out
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype of the model's unquantized weights (config dtype, else the embedding's)."""
+        name = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(name, str) and hasattr(torch, name):
+            dt = getattr(torch, name)
+            if isinstance(dt, torch.dtype):
+                return dt
+        return torch.bfloat16
+
+
+def _unit_of(name: str) -> str:
+    m = LAYER_INDEX.match(name)
+    return f"{m.group(1)}.{m.group(2)}" if m else "shell"
+
+
+def _unit_key(label: str) -> tuple[str, int]:
+    prefix, _, index = label.rpartition(".")
+    return prefix, int(index)
