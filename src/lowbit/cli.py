@@ -117,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     _common(i)
 
+    x = sub.add_parser(
+        "export", help="write a quantized checkpoint (or a plain model) in a format an inference engine reads"
+    )
+    src = x.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="lowbit quantized checkpoint directory")
+    src.add_argument("--model", default=None, help="plain Hugging Face model directory (no_quant export)")
+    x.add_argument(
+        "--format", required=True, choices=("hf", "compressed-tensors", "trtllm"),
+        help="hf: ModelOpt's unified HF checkpoint (vLLM, SGLang, TensorRT-LLM); compressed-tensors "
+        "(vLLM, transformers); trtllm: TensorRT-LLM checkpoint split for --inference-tp/--inference-pp",
+    )  # fmt: skip
+    x.add_argument("--output", "--export-dir", "--export_dir", dest="output", required=True)
+    x.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of the unquantized tensors (default: the model's)")  # fmt: skip
+    x.add_argument("--decoder-type", "--decoder_type", dest="decoder_type", default=None,
+                   help="TensorRT-LLM decoder type (default: detected from the architecture)")  # fmt: skip
+    x.add_argument("--inference-tp", "--inference_tp", dest="tp", type=int, default=1)
+    x.add_argument("--inference-pp", "--inference_pp", dest="pp", type=int, default=1)
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output once the new one is complete"
+    )
+    _common(x)
+
     d = sub.add_parser("demo", help="quantize the built-in model with several presets and compare them")
     d.add_argument("--presets", default=",".join(DEMO_PRESETS))
     d.add_argument("--calib-size", type=int, default=128)
@@ -174,7 +197,15 @@ def _recipe(args: argparse.Namespace) -> Any:
         recipe = recipe.with_algorithm(args.algorithm)
     if args.kv_cache is not None:
         recipe = recipe.with_kv_cache(args.kv_cache)
-    flags = ("sq_alpha", "awq_grid", "gptq_damp", "gptq_block_size", "gptq_act_order", "percentile", "sequential")
+    flags = (
+        "sq_alpha",
+        "awq_grid",
+        "gptq_damp",
+        "gptq_block_size",
+        "gptq_act_order",
+        "percentile",
+        "sequential",
+    )
     params = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     if params:
         recipe = recipe.with_params(**params)
@@ -212,6 +243,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(
         f"quantized {len(result.modules)} modules of {model_dir} with {recipe.name}, algorithm {result.algorithm}, "
         f"in {result.seconds:.1f}s -> {result.output}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.export import ExportOptions, export
+    from lowbit.export.source import Source
+
+    source = Source(args.checkpoint or args.model or DEFAULT_MODEL)
+    if args.checkpoint and source.manifest is None:
+        raise LowbitError(
+            f"{args.checkpoint} is not a lowbit quantized checkpoint (no lowbit.json); "
+            "pass it with --model to export it unquantized, or quantize it first"
+        )
+    options = ExportOptions(
+        dtype=getattr(torch, args.dtype) if args.dtype else None, decoder_type=args.decoder_type, tp=args.tp,
+        pp=args.pp, overwrite=args.overwrite, progress=_progress(args),
+    )  # fmt: skip
+    start = time.perf_counter()
+    out = export(source, args.format, args.output, options)
+    print(
+        f"exported {source.dir} ({source.preset}) as {args.format} in {time.perf_counter() - start:.1f}s -> {out}"
     )
     return 0
 
@@ -413,6 +468,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "eval": cmd_eval,
     "inspect": cmd_inspect,
+    "export": cmd_export,
     "demo": cmd_demo,
 }
 

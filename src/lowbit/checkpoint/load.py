@@ -36,6 +36,13 @@ def load_model(
     from lowbit.models.loading import resolve_model
 
     model_dir = resolve_model(str(path))
+    from lowbit.export.readback import export_format, load_export
+
+    exported = export_format(model_dir) if not is_lowbit_checkpoint(model_dir) else None
+    if exported is not None:
+        model, summary = load_export(model_dir, exported, dtype)
+        model.to(device)
+        return model, summary
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,17 +31,17 @@ class ExportOptions:
 Exporter = Callable[[Source, ExportWriter, ExportOptions], None]
 
 
-def _exporters() -> dict[str, Exporter]:
-    from lowbit.export import compressed_tensors, hf, trtllm
-
-    return {
-        "hf": hf.export_hf,
-        "compressed-tensors": compressed_tensors.export_ct,
-        "trtllm": trtllm.export_trtllm,
-    }
+EXPORTERS = {
+    "hf": ("lowbit.export.hf", "export_hf"),
+    "compressed-tensors": ("lowbit.export.compressed_tensors", "export_ct"),
+    "trtllm": ("lowbit.export.trtllm", "export_trtllm"),
+}
+EXPORT_FORMATS = tuple(EXPORTERS)
 
 
-EXPORT_FORMATS = ("hf", "compressed-tensors", "trtllm")
+def _exporter(fmt: str) -> Exporter:
+    module, func = EXPORTERS[fmt]
+    return getattr(importlib.import_module(module), func)
 
 
 def export(
@@ -58,7 +59,7 @@ def export(
     out = Path(output)
     if out.resolve() == src.dir.resolve():
         raise LowbitError("--output is the checkpoint itself; choose another directory")
-    exporter = _exporters()[fmt]
+    exporter = _exporter(fmt)
     with ExportWriter(out, overwrite=options.overwrite, max_shard_bytes=options.max_shard_bytes) as writer:
         exporter(src, writer, options)
         return writer.finish()

@@ -57,6 +57,11 @@ class FloatElement:
         """Exponent of the smallest normal number: 1 - bias."""
         return 2 - 2 ** (self.ebits - 1)
 
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive value (2**-9 for E4M3)."""
+        return float(2.0 ** (self.min_exp - self.mbits))
+
 
 @dataclass(frozen=True)
 class PowerOfTwoElement:

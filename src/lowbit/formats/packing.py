@@ -41,19 +41,34 @@ def unpack_nibbles(packed: Tensor, dim: int = -1, signed: bool = False) -> Tenso
     return codes.movedim(-1, dim)
 
 
-def pack_int32_nibbles(codes: Tensor) -> Tensor:
-    """Eight 4-bit codes per int32 along the last dim, element i at bits 4i..4i+3 (compressed-tensors)."""
-    c = (codes.to(torch.int64) & 0xF).reshape(*codes.shape[:-1], codes.shape[-1] // 8, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
+def pack_int32(codes: Tensor, bits: int = 4) -> Tensor:
+    """32 / bits codes per int32 along the last dim, element i at bits [bits*i, bits*(i+1)) (little-endian,
+    compressed-tensors' pack_to_int32). Codes are taken modulo 2**bits; the last dim must fill whole words."""
+    per = 32 // bits
+    if 32 % bits or codes.shape[-1] % per:
+        raise ValueError(f"cannot pack {codes.shape[-1]} codes of {bits} bits into whole int32 words")
+    mask = (1 << bits) - 1
+    c = (codes.to(torch.int64) & mask).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device)
     word = (c << shifts).sum(-1)
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
+def unpack_int32(words: Tensor, bits: int = 4) -> Tensor:
+    """Inverse of `pack_int32`: codes 0 .. 2**bits - 1 as uint8."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=words.device)
+    c = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*words.shape[:-1], words.shape[-1] * (32 // bits)).to(torch.uint8)
+
+
+def pack_int32_nibbles(codes: Tensor) -> Tensor:
+    """Eight 4-bit codes per int32 along the last dim, element i at bits 4i..4i+3 (compressed-tensors)."""
+    return pack_int32(codes, 4)
+
+
 def unpack_int32_nibbles(words: Tensor) -> Tensor:
     """Inverse of `pack_int32_nibbles`: uint8 codes 0..15."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=words.device)
-    c = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
-    return c.reshape(*words.shape[:-1], words.shape[-1] * 8).to(torch.uint8)
+    return unpack_int32(words, 4)
 
 
 def encode_scale(scale: Tensor, fmt: ScaledFormat) -> Tensor:

@@ -4,7 +4,8 @@ A tensor is viewed as blocks `(..., n_blocks, block_size)`; one scale per block.
 `emax` the element's largest magnitude (127, 7, 448, 6):
 
 - plain scale (INT, FP8):       s = amax_block / emax                       (fp32; 1 where amax is 0)
-- NVFP4 (two levels):           g = amax_tensor / (6 * 448);  s = e4m3(amax_block / (6 * g))  (0 -> 1)
+- NVFP4 (two levels):           g = amax_tensor / (6 * 448);  s = e4m3(clamp(amax_block / (6 * g), 2**-9, 448))
+                                (0 -> 1)
 - MX (power-of-two, E8M0):      s = 2 ** ceil(log2(amax_block / emax))
 - asymmetric INT:               s = (max - min) / (2**bits - 1);  z = round(-min / s)
 - quantize:                     q = round_to_grid(x / (s * g)) (+ z)
@@ -190,7 +191,9 @@ def scale_from_amax(amax: Tensor, fmt: ScaledFormat, global_scale: Tensor | None
     else:
         s = amax / emax
     if isinstance(fmt.scale_element, FloatElement):
-        s = round_to_grid(s.clamp(max=fmt.scale_element.max_norm), fmt.scale_element)
+        # a block whose scale would round to 0 keeps the smallest one instead (as ModelOpt does)
+        el = fmt.scale_element
+        s = torch.where(s > 0, round_to_grid(s.clamp(min=el.min_subnormal, max=el.max_norm), el), s)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 

@@ -1,0 +1,73 @@
+"""What a QuantSpec is in the vocabulary of the export formats: each format a short kind name, and the checks
+that the exporters share (which modules of the model are Linear, the exact scales of an input quantizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from lowbit.formats.elements import PowerOfTwoElement
+from lowbit.formats.scaled import NVFP4_GLOBAL_DIVISOR, ScaledFormat
+from lowbit.quant.linear import QuantSpec
+
+if TYPE_CHECKING:
+    from lowbit.export.source import Source
+
+
+def kind(fmt: ScaledFormat) -> str:
+    """fp8_tensor, fp8_channel, fp8_token, fp8_block, int8_channel, int8_tensor, int8_token, int4_group,
+    int4_channel, int4_group_asym, nvfp4, nvfp4_dynamic, mxfp4, mxfp4_dynamic, mxfp8, mxfp8_dynamic, ..."""
+    dyn = "_dynamic" if fmt.dynamic else ""
+    element = fmt.element.name
+    if isinstance(fmt.scale_element, PowerOfTwoElement):
+        return f"mx{'fp4' if element == 'e2m1' else 'fp8' if element == 'e4m3' else element}{dyn}"
+    if fmt.global_scale and element == "e2m1":
+        return f"nvfp4{dyn}"
+    base = {"e4m3": "fp8", "int8": "int8", "int4": "int4", "uint4": "int4", "uint8": "int8"}.get(
+        element, element
+    )
+    if fmt.granularity == "row":
+        return f"{base}_token" if fmt.dynamic else f"{base}_channel"
+    return f"{base}_{fmt.granularity}{'' if fmt.symmetric else '_asym'}{dyn}"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A QuantSpec as kinds: weight chain and input."""
+
+    weight: tuple[str, ...]
+    input: str | None
+    group_size: int | None
+
+    @staticmethod
+    def of(spec: QuantSpec) -> Scheme:
+        return Scheme(
+            tuple(kind(f) for f in spec.weight),
+            kind(spec.input) if spec.input is not None else None,
+            spec.weight[0].group_size if spec.weight[0].granularity == "group" else None,
+        )
+
+    def describe(self) -> str:
+        return f"weights {'+'.join(self.weight)}, activations {self.input or 'none'}"
+
+
+def input_scale(amax: Tensor, fmt: ScaledFormat) -> Tensor:
+    """Static per-tensor input scale from the calibrated amax: amax / emax, or amax / (6 * 448) for the
+    global scale of a two-level format (NVFP4). fp32 scalar; 1 where amax is 0."""
+    a = amax.float().reshape(())
+    s = a / NVFP4_GLOBAL_DIVISOR if fmt.global_scale else a / fmt.element.max
+    return s if float(s) > 0 else s.new_ones(())
+
+
+def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:
+    """Linear and embedding modules of the model left in high precision (lm_head, embeddings, routers), as
+    ModelOpt lists them in exclude_modules."""
+    from torch import nn
+
+    from lowbit.models.loading import build_meta_model, load_config
+
+    model = build_meta_model(load_config(source.dir))
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    return sorted(n for n, m in model.named_modules() if isinstance(m, kinds) and n not in source.modules)
