@@ -39,8 +39,8 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+import torch
+from safetensors import safe_open
 
 torch.set_num_threads(1)
 
@@ -66,6 +66,22 @@ RUNS: dict[str, tuple[str, str | None, str | None, str, bool]] = {
     "int8_sq": ("int8_sq", None, None, "int8_sq", False),
     "int8_wo": ("int8_wo", None, None, "int8_wo", True),
     "mxfp8": ("mxfp8", None, None, "mxfp8", True),
+}
+# what the comparison shows and why (checked by hand on the run of 0.47.0 references; see the report)
+NOTES = {
+    "fp8_bf16_division": "ModelOpt computes fp8(weight_bf16 / weight_scale) with the quotient rounded to bf16 "
+    "first (double rounding); lowbit divides in fp32. Where the scales agree, 1-4% of elements differ by exactly "
+    "one E4M3 step; recomputing both ways from the float weights reproduces each export bit for bit.",
+    "fp8_fused_scale_tying": "lowbit gives q/k/v and gate/up one per-tensor FP8 weight scale (the max), what vLLM's "
+    "requantize_with_max_scale does at load; ModelOpt 0.47 keeps each member's own scale for FP8 (it ties them "
+    "for NVFP4 weight_scale_2 / W4A8 weight_scale_2 / input_scale). Those tensors differ everywhere, but both "
+    "sides are correct roundings of one weight (max_rtn_ratio <= 1).",
+    "input_scale": "activation amax: lowbit calibrates in fp32, ModelOpt in bf16: input / k / v scales differ by "
+    "< 1%.",
+    "pre_quant_scale": "lowbit folds AWQ / SmoothQuant scales into the preceding norm or Linear (v_proj / up_proj "
+    "rows for o_proj / down_proj); ModelOpt keeps *.pre_quant_scale for o_proj / down_proj (AWQ) or all Linears "
+    "(SmoothQuant), and writes pre_quant_scale: true in hf_quant_config for every AWQ algo, even with max "
+    "calibration and no such tensor.",
 }
 IGNORED_FILES = {"calib_state.pt", "summary.json", "error.txt"}
 
@@ -168,8 +184,12 @@ def compare_weights(algo: str, lb: dict[str, torch.Tensor], mo: dict[str, torch.
         "scale_equal_frac": float((s_lb == s_mo).float().mean()),
         "rel_l2": float((d_lb - d_mo).norm()) / ref_norm,
         "scale_max_rel_diff": float(((s_lb - s_mo).abs() / s_mo).max()),
-        "worst": {"index": list(divmod(worst, d_lb.shape[1])), "lowbit": float(d_lb.flatten()[worst]),
-                  "modelopt": float(d_mo.flatten()[worst]), "step": float(step.flatten()[worst])},
+        "worst": {
+            "index": list(divmod(worst, d_lb.shape[1])),
+            "lowbit": float(d_lb.flatten()[worst]),
+            "modelopt": float(d_mo.flatten()[worst]),
+            "step": float(step.flatten()[worst]),
+        },
     }
 
 
@@ -203,6 +223,16 @@ def read_export(d: Path) -> dict[str, torch.Tensor]:
 
 def files_of(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name not in IGNORED_FILES)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def members(tensors: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} of one module's own tensors (weight, weight_scale, input_scale, ...)."""
+    n = len(module) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(module + ".") and "." not in k[n:]}
 
 
 def scalar_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -245,17 +275,20 @@ def compare(row: str, lb_dir: Path, mo_dir: Path) -> dict[str, Any]:
     r["hf_quant_config_diff"] = json_diff(hq_lb, hq_mo)
     cfg_lb = json.loads((lb_dir / "config.json").read_text())
     cfg_mo = json.loads((mo_dir / "config.json").read_text())
-    r["quantization_config_diff"] = json_diff(cfg_lb.get("quantization_config"), cfg_mo.get("quantization_config"),
-                                              "quantization_config")
-    r["config_other_diff"] = json_diff({k: v for k, v in cfg_lb.items() if k != "quantization_config"},
-                                       {k: v for k, v in cfg_mo.items() if k != "quantization_config"})
+    r["quantization_config_diff"] = json_diff(
+        cfg_lb.get("quantization_config"), cfg_mo.get("quantization_config"), "quantization_config"
+    )
+    r["config_other_diff"] = json_diff(
+        {k: v for k, v in cfg_lb.items() if k != "quantization_config"},
+        {k: v for k, v in cfg_mo.items() if k != "quantization_config"},
+    )
     t_lb, t_mo = read_export(lb_dir), read_export(mo_dir)
     pqs = sorted(k for k in set(t_mo) - set(t_lb) if k.endswith(".pre_quant_scale"))
     r["pre_quant_scale_only_modelopt"] = pqs
     r["tensors_only_modelopt"] = sorted(set(t_mo) - set(t_lb) - set(pqs))
     r["tensors_only_lowbit"] = sorted(set(t_lb) - set(t_mo))
     r["dtype_shape_diff"] = {
-        k: f"lowbit {str(t_lb[k].dtype)[6:]}{list(t_lb[k].shape)} modelopt {str(t_mo[k].dtype)[6:]}{list(t_mo[k].shape)}"
+        k: f"lowbit {describe(t_lb[k])} modelopt {describe(t_mo[k])}"
         for k in sorted(set(t_lb) & set(t_mo))
         if t_lb[k].dtype != t_mo[k].dtype or t_lb[k].shape != t_mo[k].shape
     }
@@ -266,8 +299,7 @@ def compare(row: str, lb_dir: Path, mo_dir: Path) -> dict[str, Any]:
     linears = sorted(k[: -len(".weight_scale")] for k in t_mo if k.endswith(".weight_scale"))
     weights: dict[str, Any] = {}
     for lin in linears:
-        sub = {k[len(lin) + 1 :]: v for k, v in t_lb.items() if k.startswith(lin + ".") and "." not in k[len(lin) + 1 :]}
-        sub_mo = {k[len(lin) + 1 :]: v for k, v in t_mo.items() if k.startswith(lin + ".") and "." not in k[len(lin) + 1 :]}
+        sub, sub_mo = members(t_lb, lin), members(t_mo, lin)
         if "weight" not in sub or f"{lin}.weight" in r["dtype_shape_diff"]:
             weights[lin] = {"error": "missing or different dtype/shape in lowbit's export"}
             continue
@@ -278,27 +310,52 @@ def compare(row: str, lb_dir: Path, mo_dir: Path) -> dict[str, Any]:
     r["weights"] = weights
     scalars: dict[str, Any] = {}
     for k in sorted(set(t_lb) & set(t_mo)):
-        if t_mo[k].numel() == 1 and k.rsplit(".", 1)[-1] in ("input_scale", "weight_scale_2", "k_scale", "v_scale",
-                                                                "weight_scale"):
-            scalars[k] = {"lowbit": float(t_lb[k]), "modelopt": float(t_mo[k]), "rel": scalar_rel(t_lb[k], t_mo[k])}
+        if t_mo[k].numel() == 1 and k.rsplit(".", 1)[-1] in (
+            "input_scale",
+            "weight_scale_2",
+            "k_scale",
+            "v_scale",
+            "weight_scale",
+        ):
+            scalars[k] = {
+                "lowbit": float(t_lb[k]),
+                "modelopt": float(t_mo[k]),
+                "rel": scalar_rel(t_lb[k], t_mo[k]),
+            }
     r["scalars"] = scalars
-    plain = [k for k in sorted(set(t_lb) & set(t_mo)) if k not in scalars and not any(
-        k == f"{lin}.{s}" for lin in linears for s in ("weight", "weight_scale"))]
+    plain = [
+        k
+        for k in sorted(set(t_lb) & set(t_mo))
+        if k not in scalars
+        and not any(k == f"{lin}.{s}" for lin in linears for s in ("weight", "weight_scale"))
+    ]
     r["plain_tensors_not_bit_equal"] = [k for k in plain if not bits_equal(t_lb[k], t_mo[k])]
     wv = [w for w in weights.values() if "max_diff_steps" in w]
     r["max_diff_steps"] = max((w["max_diff_steps"] for w in wv), default=math.nan)
     r["mean_frac_differ"] = sum(w["frac_differ"] for w in wv) / max(len(wv), 1)
     r["max_rel_l2"] = max((w["rel_l2"] for w in wv), default=math.nan)
-    structure_ok = not (r["files_only_lowbit"] or r["files_only_modelopt"] or r["tensors_only_modelopt"]
-                        or r["tensors_only_lowbit"] or r["dtype_shape_diff"])
+    structure_ok = not (
+        r["files_only_lowbit"]
+        or r["files_only_modelopt"]
+        or r["tensors_only_modelopt"]
+        or r["tensors_only_lowbit"]
+        or r["dtype_shape_diff"]
+    )
     r["structure_ok"] = structure_ok
     # within one step where the local scales agree; where they differ (lowbit's fused-scale tying), both sides
     # must be correct roundings of one weight (max_rtn_ratio <= 1)
-    ok = [w["max_diff_steps"] <= 1 + 1e-6 if w["scale_equal_frac"] == 1.0 else w["max_rtn_ratio"] <= 1 + 1e-6
-          for w in wv]
+    ok = [
+        w["max_diff_steps"] <= 1 + 1e-6 if w["scale_equal_frac"] == 1.0 else w["max_rtn_ratio"] <= 1 + 1e-6
+        for w in wv
+    ]
     r["scale_differs"] = sorted(k for k, w in weights.items() if w.get("scale_equal_frac", 1.0) < 1.0)
-    r["failing_tensors"] = sorted(k for (k, w), good in zip(
-        [(k, w) for k, w in weights.items() if "max_diff_steps" in w], ok, strict=True) if not good)
+    r["failing_tensors"] = sorted(
+        k
+        for (k, w), good in zip(
+            [(k, w) for k, w in weights.items() if "max_diff_steps" in w], ok, strict=True
+        )
+        if not good
+    )
     if must_match:
         r["verdict"] = "PASS" if structure_ok and len(wv) == len(linears) and all(ok) else "FAIL"
     else:
@@ -315,8 +372,10 @@ def print_row_details(row: str, r: dict[str, Any]) -> None:
         if r.get(key):
             print(f"  {key}: {r[key]}")
     if r.get("pre_quant_scale_only_modelopt"):
-        print(f"  ModelOpt pre_quant_scale without counterpart (lowbit folds the smoothing): "
-              f"{len(r['pre_quant_scale_only_modelopt'])}: {r['pre_quant_scale_only_modelopt']}")
+        print(
+            f"  ModelOpt pre_quant_scale without counterpart (lowbit folds the smoothing): "
+            f"{len(r['pre_quant_scale_only_modelopt'])}: {r['pre_quant_scale_only_modelopt']}"
+        )
     for k, v in r.get("dtype_shape_diff", {}).items():
         print(f"  dtype/shape {k}: {v}")
     for line in r.get("hf_quant_config_diff", []):
@@ -331,9 +390,11 @@ def print_row_details(row: str, r: dict[str, Any]) -> None:
         if "error" in w:
             print(f"  {lin}: {w['error']}")
             continue
-        print(f"  {lin:36s} max {w['max_diff_steps']:6.3f} step  differ {w['frac_differ']:7.4%}  "
-              f">1step {w['n_over_1_step']:5d}  relL2 {w['rel_l2']:.2e}  scale_rel {w['scale_max_rel_diff']:.2e}"
-              f"  codes_eq {int(w['codes_equal'])} scale_eq {w['scale_equal_frac']:.3f} rtn {w['max_rtn_ratio']:.3f}")
+        print(
+            f"  {lin:36s} max {w['max_diff_steps']:6.3f} step  differ {w['frac_differ']:7.4%}  "
+            f">1step {w['n_over_1_step']:5d}  relL2 {w['rel_l2']:.2e}  scale_rel {w['scale_max_rel_diff']:.2e}"
+            f"  codes_eq {int(w['codes_equal'])} scale_eq {w['scale_equal_frac']:.3f} rtn {w['max_rtn_ratio']:.3f}"
+        )
     bad = {k: v for k, v in r.get("scalars", {}).items() if v["rel"] > 0}
     if bad:
         worst = sorted(bad.items(), key=lambda kv: -kv[1]["rel"])
@@ -343,8 +404,10 @@ def print_row_details(row: str, r: dict[str, Any]) -> None:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    head = (f"{'config':14s} {'quant_algo':26s} {'struct':6s} {'pqs':>4s} {'json':>4s} {'max step':>8s} "
-            f"{'differ':>8s} {'relL2':>8s} {'sc≠W':>5s} {'scal≠':>6s} verdict")
+    head = (
+        f"{'config':14s} {'quant_algo':26s} {'struct':6s} {'pqs':>4s} {'json':>4s} {'max step':>8s} "
+        f"{'differ':>8s} {'relL2':>8s} {'sc≠W':>5s} {'scal≠':>6s} verdict"
+    )
     lines = [head, "-" * len(head)]
     for row, r in results.items():
         if "skipped" in r:
@@ -357,7 +420,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"{len(r.get('pre_quant_scale_only_modelopt', [])):4d} "
             f"{len(r.get('hf_quant_config_diff', [])) + len(r.get('quantization_config_diff', [])):4d} "
             f"{r.get('max_diff_steps', math.nan):8.3f} {r.get('mean_frac_differ', math.nan):8.4%} "
-            f"{r.get('max_rel_l2', math.nan):8.2e} {len(r.get('scale_differs', [])):5d} {nsc:6d} {r.get('verdict', 'ERROR')}"
+            f"{r.get('max_rel_l2', math.nan):8.2e} {len(r.get('scale_differs', [])):5d} {nsc:6d} "
+            f"{r.get('verdict', 'ERROR')}"
         )
     return "\n".join(lines)
 
@@ -380,18 +444,26 @@ def main() -> None:
             continue
         lb_dir, secs = run_lowbit(row, ref, work, model_dir)
         r = compare(row, lb_dir, mo_dir)
-        r["quant_algo"] = json.loads((mo_dir / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
+        r["quant_algo"] = json.loads((mo_dir / "hf_quant_config.json").read_text())["quantization"][
+            "quant_algo"
+        ]
         r["lowbit_seconds"] = round(secs, 2)
         results[row] = r
         print_row_details(row, r)
     print("\n" + table(results))
-    print("\nmax step: max over quantized Linears of max |lowbit - ModelOpt| dequantized, in steps of the coarser "
-          "local grid; differ: mean fraction of differing elements; relL2: max ||diff|| / ||ModelOpt||; scal≠: "
-          "scalar scales (input_scale, weight_scale_2, k/v_scale, per-tensor weight_scale) differing by > 1e-6 rel; "
-          "pqs: ModelOpt pre_quant_scale tensors lowbit folds; json: hf_quant_config + quantization_config diffs")
+    print(
+        "\nmax step: max over quantized Linears of max |lowbit - ModelOpt| dequantized, in steps of the coarser "
+        "local grid; differ: mean fraction of differing elements; relL2: max ||diff|| / ||ModelOpt||; scal≠: "
+        "scalar scales (input_scale, weight_scale_2, k/v_scale, per-tensor weight_scale) differing by > 1e-6 rel; "
+        "pqs: ModelOpt pre_quant_scale tensors lowbit folds; json: hf_quant_config + quantization_config diffs"
+    )
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir), "reference": str(ref), "runs": results}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"model": str(model_dir), "reference": str(ref), "notes": NOTES, "runs": results}, indent=1
+        )
+    )
     print(f"wrote {out}")
 
 

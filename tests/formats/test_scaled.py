@@ -61,11 +61,13 @@ def _amax_of(x, fmt):
 def test_nvfp4_matches_spec_formula():
     x = _inputs()[0]
     q = quantize(x, NVFP4)
-    g = x.abs().amax() / (6 * 448)
+    g0 = x.abs().amax() / (6 * 448)
+    g = q.global_scale
+    # the spec's amax / (6 * 448), raised by at most a few ulps so that 1 / (1 / g) == g in fp32
+    assert g >= g0 and (g - g0) / g0 < 1e-6 and torch.equal(1 / (1 / g), g)
     block_amax = x.reshape(256, 16, 16).abs().amax(-1)
-    s = (block_amax / (6 * g)).to(torch.float8_e4m3fn).float()
+    s = (block_amax / (6 * g)).clamp(min=2**-9).to(torch.float8_e4m3fn).float()
     s = torch.where(s == 0, torch.ones_like(s), s)
-    assert torch.equal(q.global_scale, g)
     assert torch.equal(q.scale, s)
     ref = round_to_grid(x.reshape(256, 16, 16) / (s * g)[..., None], NVFP4.element).reshape(256, 256)
     assert torch.equal(q.values, ref)

@@ -87,7 +87,10 @@ def test_yaml_recipe(tmp_path):
         ("rules:\n  - {pattern: '*', weight: {format: fp8_tensor, group_size: 64}}\n", "has no groups"),
         ("algorithm: awq_ful\n", "did you mean 'awq_full'"),
         ("rules: [\n", "not valid YAML"),
-        ("algorithm_params: {gptq_dmp: 0.1}\n", "unknown algorithm parameter 'gptq_dmp'.*did you mean 'gptq_damp'"),
+        (
+            "algorithm_params: {gptq_dmp: 0.1}\n",
+            "unknown algorithm parameter 'gptq_dmp'.*did you mean 'gptq_damp'",
+        ),
         ("algorithm: smoothquant+awq_full\n", "SmoothQuant and AWQ both smooth"),
     ],
 )

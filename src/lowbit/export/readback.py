@@ -36,6 +36,7 @@ from lowbit.formats.scaled import (
     NVFP4_DYNAMIC,
     NVFP4_GLOBAL_DIVISOR,
     ScaledFormat,
+    global_scale_from_amax,
 )
 from lowbit.quant.linear import QuantSpec
 
@@ -65,6 +66,21 @@ def export_format(model_dir: Path) -> str | None:
 
 def _amax(scale: Tensor, fmt: ScaledFormat) -> Tensor:
     return scale.float() * fmt.element.max
+
+
+def _global_amax(g: Tensor) -> Tensor:
+    """An amax from which `global_scale_from_amax` computes exactly the stored global scale g."""
+    g = g.float().reshape(())
+    amax = g * NVFP4_GLOBAL_DIVISOR
+    for step in range(64):
+        got = global_scale_from_amax(amax)
+        if bool(got == g):
+            return amax
+        toward = float("inf") if bool(got < g) else float("-inf")
+        amax = torch.nextafter(amax, torch.tensor(toward))
+        if step == 63:
+            break
+    return g * NVFP4_GLOBAL_DIVISOR
 
 
 # --- hf (ModelOpt unified) --------------------------------------------------------------------------------
@@ -111,7 +127,7 @@ def decode_hf(t: dict[str, Tensor], algo: str, group_size: int | None) -> Decode
         block = ws  # e4m3 values
         q = decode(unpack_nibbles(w), E2M1)
         weight = q * (block * gs2).repeat_interleave(16, 1)
-        stats = [{"amax": block * E2M1.max * gs2, "global_amax": gs2 * NVFP4_GLOBAL_DIVISOR}]
+        stats = [{"amax": block * E2M1.max * gs2, "global_amax": _global_amax(gs2)}]
     elif algo == "MXFP8":
         fmt, inp = MXFP8, MXFP8_DYNAMIC
         s = decode_e8m0(t["weight_scale"])
@@ -130,7 +146,7 @@ def _finish(
     if inp is not None and "input_scale" in t:
         s = t["input_scale"].float().reshape(())
         input_stats = (
-            {"global_amax": s * NVFP4_GLOBAL_DIVISOR} if inp.global_scale else {"amax": _amax(s, inp)}
+            {"global_amax": _global_amax(s)} if inp.global_scale else {"amax": _amax(s, inp)}
         )
     return Decoded(QuantSpec(weight_fmts, inp), weight, stats, input_stats)
 
@@ -187,7 +203,7 @@ def decode_ct(t: dict[str, Tensor], spec: QuantSpec) -> Decoded:
             g = 1 / t["weight_global_scale"].float().reshape(())
             block = decode(t["weight_scale"], E4M3)
             weight = q * (block * g).repeat_interleave(16, 1)
-            stats = [{"amax": block * E2M1.max * g, "global_amax": g * NVFP4_GLOBAL_DIVISOR}]
+            stats = [{"amax": block * E2M1.max * g, "global_amax": _global_amax(g)}]
         else:
             s = decode_e8m0(t["weight_scale"])
             weight = q * s.repeat_interleave(32, 1)
@@ -217,7 +233,7 @@ def decode_ct(t: dict[str, Tensor], spec: QuantSpec) -> Decoded:
     inp = spec.input
     if inp is not None:
         if "input_global_scale" in t:
-            input_stats = {"global_amax": NVFP4_GLOBAL_DIVISOR / t["input_global_scale"].float().reshape(())}
+            input_stats = {"global_amax": _global_amax(1 / t["input_global_scale"].float())}
         elif "input_scale" in t:
             input_stats = {"amax": _amax(t["input_scale"].float().reshape(()), inp)}
     return Decoded(spec, weight, stats, input_stats)

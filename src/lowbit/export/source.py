@@ -44,6 +44,10 @@ class QLinear:
         values] for W4A8. Dequantizing the last one gives exactly the fake-quantized weight."""
         out: list[QTensor] = []
         w = self.weight.float()
+        if not bool(torch.isfinite(w).all()):
+            raise LowbitError(
+                f"{self.name}.weight has NaN or Inf values; the checkpoint is damaged (re-run quantize)"
+            )
         for fmt, stats in zip(self.spec.weight, self.weight_stats, strict=True):
             amax = None if fmt.dynamic else stats.get("amax")
             q = quantize(w, fmt, amax=amax, global_amax=stats.get("global_amax"), amin=stats.get("amin"))

@@ -171,9 +171,17 @@ def reduce_min_max(x: Tensor, fmt: ScaledFormat) -> tuple[Tensor, Tensor]:
 
 
 def global_scale_from_amax(global_amax: Tensor) -> Tensor:
-    """NVFP4 second-level scale: amax_tensor / (6 * 448) (fp32 scalar; 1 where amax is 0)."""
+    """NVFP4 second-level scale: amax_tensor / (6 * 448) (fp32 scalar; 1 where amax is 0), raised by a few
+    ulps where needed so that its fp32 reciprocal maps back to it exactly: compressed-tensors stores
+    1 / scale, and a reader must recover the very scale lowbit computed with."""
     g = global_amax.float() / NVFP4_GLOBAL_DIVISOR
-    return torch.where(g > 0, g, torch.ones_like(g))
+    g = torch.where(g > 0, g, torch.ones_like(g))
+    for _ in range(16):
+        off = (1 / (1 / g)) != g
+        if not bool(off.any()):
+            break
+        g = torch.where(off, torch.nextafter(g, torch.full_like(g, float("inf"))), g)
+    return g
 
 
 def scale_from_amax(amax: Tensor, fmt: ScaledFormat, global_scale: Tensor | None = None) -> Tensor:
