@@ -66,8 +66,8 @@ def test_nvfp4_matches_spec_formula():
     # the spec's amax / (6 * 448), raised by at most a few ulps so that 1 / (1 / g) == g in fp32
     assert g >= g0 and (g - g0) / g0 < 1e-6 and torch.equal(1 / (1 / g), g)
     block_amax = x.reshape(256, 16, 16).abs().amax(-1)
-    s = (block_amax / (6 * g)).clamp(min=2**-9).to(torch.float8_e4m3fn).float()
-    s = torch.where(s == 0, torch.ones_like(s), s)
+    s = (block_amax / (6 * g)).clamp(min=2**-9).to(torch.float8_e4m3fn).float()  # ModelOpt's clamp
+    s = torch.where(block_amax == 0, torch.ones_like(s), s)
     assert torch.equal(q.scale, s)
     ref = round_to_grid(x.reshape(256, 16, 16) / (s * g)[..., None], NVFP4.element).reshape(256, 256)
     assert torch.equal(q.values, ref)

@@ -17,8 +17,8 @@ Original tensor names; beside each quantized Linear's `weight` its scales (spec 
 INT4 is packed along the output dim (rows 2r, 2r+1 in the low, high nibble); FP4 along the input dim. lowbit
 folds AWQ / SmoothQuant scales into the preceding norm or Linear at calibration, so no pre_quant_scale is
 written. Every value is the one the fake-quantized checkpoint computes with (`QLinear.weight_qtensors`).
-KV cache: `<attention>.k_proj.k_scale` and `.v_proj.v_scale` = amax / 448, NOT clamped to >= 1 as ModelOpt
-does (a clamp makes small-range K/V lose precision; the exact scale is what the engine should use).
+KV cache: `<attention>.k_proj.k_scale` and `.v_proj.v_scale` = amax / 448 (fp32 scalars), as ModelOpt's
+unified export writes them (its TensorRT-LLM and Megatron exporters clamp them to >= 1; lowbit never does).
 """
 
 from __future__ import annotations
