@@ -260,3 +260,63 @@ def test_a_damaged_checkpoint_is_refused(ckpts, tmp_path):
     with pytest.raises(LowbitError, match="NaN"):
         _export(bad, "hf", tmp_path / "o")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_mixed_precision_hf_and_compressed_tensors(ckpts, tiny_factory, tmp_path, tokenizer_dir, text_file):
+    """Per-layer formats: hf writes MIXED_PRECISION with quantized_layers, compressed-tensors one config group
+    per scheme; both read back to the checkpoint's logits."""
+    from transformers import AutoTokenizer
+
+    from lowbit.data.text import calibration_windows
+    from lowbit.quant.recipe import recipe_from_data
+
+    recipe = recipe_from_data(
+        {"rules": [{"pattern": "*mlp*", "weight": "int4_g128"}, {"pattern": "*", "weight": "nvfp4"}]}, "mixed"
+    )
+    calib = calibration_windows(text_file, AutoTokenizer.from_pretrained(tokenizer_dir), 2, 32)
+    ckpt = quantize_checkpoint(ckpts["no_quant"], recipe, tmp_path / "ckpt", calib, progress=False).output
+    ref = logits(load_model(ckpt)[0])
+    hf = _export(ckpt, "hf", tmp_path / "hf")
+    quant = json.loads((hf / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "MIXED_PRECISION"
+    layers = quant["quantized_layers"]
+    assert layers["model.layers.0.mlp.up_proj"] == {"quant_algo": "W4A16_AWQ", "group_size": 128}
+    assert layers["model.layers.1.self_attn.o_proj"]["quant_algo"] == "W4A16_NVFP4"
+    ct = _export(ckpt, "compressed-tensors", tmp_path / "ct")
+    config = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision" and len(config["config_groups"]) == 2
+    for out in (hf, ct):
+        assert torch.allclose(logits(load_model(out)[0]), ref, rtol=0, atol=1e-4 * ref.abs().max())
+
+
+def test_sharded_export_with_dtype(ckpts, tmp_path):
+    """A small shard limit gives several files and an index; --dtype float16 applies to unquantized tensors."""
+    out = export(ckpts["nvfp4"], "hf", tmp_path / "o", ExportOptions(progress=False, dtype=torch.float16,
+                                                                       max_shard_bytes=200_000))  # fmt: skip
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index.values()) == set(shards)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    norm = load_file(str(out / index["model.norm.weight"]))["model.norm.weight"]
+    assert norm.dtype == torch.float16
+    got, _ = load_model(out)
+    ref, _ = load_model(ckpts["nvfp4"])
+    assert logits(got).shape == logits(ref).shape
+
+
+def test_nvfp4_kv_cache_round_trips_through_hf(ckpts, tmp_path, tokenizer_dir, text_file):
+    from transformers import AutoTokenizer
+
+    from lowbit.data.text import calibration_windows
+
+    calib = calibration_windows(text_file, AutoTokenizer.from_pretrained(tokenizer_dir), 2, 32)
+    recipe = preset("nvfp4").with_kv_cache("nvfp4")
+    ckpt = quantize_checkpoint(ckpts["no_quant"], recipe, tmp_path / "ckpt", calib, progress=False).output
+    out = _export(ckpt, "hf", tmp_path / "hf")
+    assert (
+        json.loads((out / "hf_quant_config.json").read_text())["quantization"]["kv_cache_quant_algo"]
+        == "NVFP4"
+    )
+    ref = logits(load_model(ckpt)[0])
+    assert torch.allclose(logits(load_model(out)[0]), ref, rtol=0, atol=1e-4 * ref.abs().max())
