@@ -145,9 +145,7 @@ def _finish(
     input_stats: dict[str, Tensor] = {}
     if inp is not None and "input_scale" in t:
         s = t["input_scale"].float().reshape(())
-        input_stats = (
-            {"global_amax": _global_amax(s)} if inp.global_scale else {"amax": _amax(s, inp)}
-        )
+        input_stats = {"global_amax": _global_amax(s)} if inp.global_scale else {"amax": _amax(s, inp)}
     return Decoded(QuantSpec(weight_fmts, inp), weight, stats, input_stats)
 
 

@@ -29,10 +29,8 @@ except for W4A8_AWQ: TensorRT-LLM's loader divides `prequant_scaling_factor` by 
 quantize the input to FP8, so W4A8_AWQ writes ones (model dtype, [in]) and pre_quant_scale true.
 
 Layers are renumbered from 0 within each pipeline stage, as TensorRT-LLM's own converters do
-(`transformer.layers.{l - layers_range[0]}`). Memory: units are read one at a time; each rank's encoded tensors
-are kept until its pipeline stage's last layer is done, then its file is written, so the peak is one stage's
-share of the (compressed) model. With pp=1 that is the whole exported model, because a safetensors file is
-written in one call; a streaming safetensors writer would remove that.
+(`transformer.layers.{l - layers_range[0]}`). Memory: units are read one at a time and every rank file is
+streamed (`writer.StreamingSafetensors`), so the peak is one layer whatever the model's size.
 """
 
 from __future__ import annotations
@@ -331,24 +329,24 @@ def _split_rows(name: str, x: Tensor, tp: int) -> list[Tensor]:
 
 
 class RankFiles:
-    """Per-rank tensor dicts; a pipeline stage's files are written once its last layer is in."""
+    """One streaming safetensors file per rank: each tensor is written as soon as it is split, and a
+    pipeline stage's files are closed once its last layer is in. Memory holds one layer, not the model."""
 
     def __init__(self, plan: Plan, writer: ExportWriter) -> None:
         self.plan = plan
-        self.writer = writer
-        self.tensors: list[dict[str, Tensor]] = [{} for _ in range(plan.tp * plan.pp)]
+        self.files = [writer.stream_file(f"rank{r}.safetensors") for r in range(plan.tp * plan.pp)]
 
     def add(self, stage: int, per_rank: list[dict[str, Tensor]]) -> None:
         for rank, tensors in zip(self.plan.ranks(stage), per_rank, strict=True):
-            self.tensors[rank].update(tensors)
+            for name, t in tensors.items():
+                self.files[rank].add(name, t)
 
     def replicate(self, stage: int, tensors: dict[str, Tensor]) -> None:
         self.add(stage, [tensors] * self.plan.tp)
 
     def write_stage(self, stage: int) -> None:
         for rank in self.plan.ranks(stage):
-            self.writer.save_file(f"rank{rank}.safetensors", self.tensors[rank])
-            self.tensors[rank] = {}
+            self.files[rank].close()
 
 
 def _shell(unit: Unit, plan: Plan, files: RankFiles) -> None:

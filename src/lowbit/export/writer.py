@@ -46,6 +46,53 @@ def check_tensor(
             )
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+class StreamingSafetensors:
+    """A safetensors file written one tensor at a time: data goes to a side file as it comes, and `close`
+    writes the header and then the data, so memory holds one tensor, not the file's contents."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self._data = self.data_path.open("wb")
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._offset = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        if name in self._entries:
+            raise LowbitError(
+                f"export: tensor {name} written twice to {self.path.name}; this is a lowbit bug"
+            )
+        check_tensor(f"{self.path.name}:{name}", t)
+        flat = t.detach().contiguous().cpu().reshape(-1)
+        raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        self._data.write(raw)
+        dtype = SAFETENSORS_DTYPES[t.dtype]
+        self._entries[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [self._offset, self._offset + len(raw)],
+        }
+        self._offset += len(raw)
+
+    def close(self) -> None:
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **dict(sorted(self._entries.items()))},
+                            separators=(",", ":")).encode()  # fmt: skip
+        header += b" " * (-len(header) % 8)
+        with self.path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 1 << 24)
+        self.data_path.unlink()
+
+
 class ExportWriter:
     """Context manager building OUTPUT; `add` tensors, `write_json` / `copy` files, then `finish`."""
 
@@ -98,12 +145,9 @@ class ExportWriter:
         self._shards.append((tmp, list(self._buffer), self._buffer_bytes))
         self._buffer, self._buffer_bytes = {}, 0
 
-    def save_file(self, file_name: str, tensors: dict[str, Tensor]) -> None:
-        """Write a whole safetensors file outside the sharded set (TensorRT-LLM rank files)."""
-        for name, t in tensors.items():
-            check_tensor(f"{file_name}:{name}", t)
-        out = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(out, str(self.partial / file_name), metadata={"format": "pt"})
+    def stream_file(self, file_name: str) -> StreamingSafetensors:
+        """A safetensors file outside the sharded set, written tensor by tensor (TensorRT-LLM rank files)."""
+        return StreamingSafetensors(self.partial / file_name)
 
     def write_json(self, file_name: str, data: Any) -> None:
         (self.partial / file_name).write_text(json.dumps(data, indent=2) + "\n")
