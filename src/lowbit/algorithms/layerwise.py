@@ -29,7 +29,7 @@ from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
-from lowbit.models.families import family
+from lowbit.models.families import Family, resolve_family
 from lowbit.models.loading import (
     SafetensorsReader,
     bound_heap,
@@ -121,6 +121,7 @@ class _Job:
     compute_dtype: torch.dtype
     progress: bool
     uses_data: bool  # False: every layer calibrates from its weights alone (no forward passes at all)
+    family: Family
 
 
 def quantize_checkpoint(
@@ -146,7 +147,6 @@ def quantize_checkpoint(
     bound_heap()
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
-    layers_path = family(config.model_type).layers
     reader = SafetensorsReader(model_dir)
     if int(calib.max()) >= config.vocab_size:
         raise LowbitError(
@@ -155,6 +155,8 @@ def quantize_checkpoint(
         )
     algorithm = recipe.algorithm
     meta = build_meta_model(config)
+    fam = resolve_family(config, meta)
+    layers_path = fam.layers
     layers = meta.get_submodule(layers_path)
     if not isinstance(layers, nn.ModuleList):
         raise LowbitError(
@@ -172,7 +174,7 @@ def quantize_checkpoint(
     )
     uses_data = needs_data(algorithm) or _static_activations(specs.values(), recipe)
     job = _Job(model_dir, config, reader, recipe, algorithm, meta, layers, layers_path, writer,
-               torch.device(device), compute_dtype, progress, uses_data)  # fmt: skip
+               torch.device(device), compute_dtype, progress, uses_data, fam)  # fmt: skip
     try:
         modules = _run(job, calib, batch_size)
     except LowbitError:
@@ -190,7 +192,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         shell = [n for n in job.reader.names() if not n.startswith(path + ".")]
         job.writer.write_shell(job.reader.read(shell))
     states = _layer0_inputs(job, calib, batch_size) if job.uses_data else []
-    info = LayerInfo("", family(config.model_type), getattr(config, "num_attention_heads", None),
+    info = LayerInfo("", job.family, getattr(config, "num_attention_heads", None),
                      getattr(config, "num_key_value_heads", None))  # fmt: skip
     modules: dict[str, Any] = {}
     errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))

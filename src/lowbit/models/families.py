@@ -6,9 +6,15 @@ One entry per family. Algorithms read these facts; they never branch on the arch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
 
 from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class Family:
     # them too gave 13% lower KL at int4 (docs/results.md), so no family skips any by default.
     no_clip: tuple[str, ...] = field(default=())
     fused: tuple[tuple[str, ...], ...] = LLAMA_FUSED
+    known: bool = True  # False: discovered from the model's structure (no smoothing / fusion facts)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -75,3 +82,37 @@ def family(model_type: str) -> Family:
     raise LowbitError(
         f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
     )
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def resolve_family(config: Any, model: nn.Module) -> Family:
+    """The family facts of `config.model_type`, or, for an architecture transformers knows and lowbit has no
+    facts for, facts discovered from the (meta) model: its decoder layers are the first ModuleList holding
+    `num_hidden_layers` blocks. Such a model quantizes with max / GPTQ / MSE on every Linear; AWQ and
+    SmoothQuant need smoothing groups and are skipped with a warning, and engines' fused scales are not tied."""
+    model_type = str(getattr(config, "model_type", ""))
+    try:
+        return family(model_type)
+    except LowbitError:
+        pass
+    n = next(
+        (getattr(config, k) for k in LAYER_COUNT_KEYS if isinstance(getattr(config, k, None), int)), None
+    )
+    path = next(
+        (name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name and len(m) == n),
+        None,
+    )
+    if path is None:
+        raise LowbitError(
+            f"unsupported architecture {model_type!r}: no list of {n} decoder layers found in the model; "
+            f"supported model types: {', '.join(SUPPORTED)}"
+        )
+    log.warning(
+        "no lowbit facts for model type %r: decoder layers found at %s; every Linear is quantized, but "
+        "AWQ / SmoothQuant (no smoothing groups), fused-scale ties and the TensorRT-LLM decoder type need an "
+        "entry in lowbit/models/families.py",
+        model_type, path,
+    )  # fmt: skip
+    return replace(Family((model_type,), path, ""), fused=(), known=False)
