@@ -40,3 +40,17 @@ def test_unknown_architecture_quantizes_every_linear(tmp_path, caplog, model_typ
         src, preset("int4_awq").with_algorithm("gptq"), tmp_path / "g", calib, progress=False
     )
     assert sorted(gptq.modules) == sorted(linears)
+
+
+def test_a_recipe_that_matches_nothing_is_an_error(tmp_path):
+    from lowbit.errors import LowbitError
+
+    src = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_embd=64, n_head=4, n_layer=1, vocab_size=128)
+    ).save_pretrained(src)
+    with pytest.raises(LowbitError, match=r"matches no Linear.*Conv1D"):
+        quantize_checkpoint(
+            src, preset("fp8"), tmp_path / "q", torch.zeros(1, 8, dtype=torch.long), progress=False
+        )
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()

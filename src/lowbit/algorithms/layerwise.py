@@ -163,6 +163,13 @@ def quantize_checkpoint(
             f"{layers_path} of {config.model_type} is not a layer list; lowbit's facts for it are wrong"
         )
     specs = plan(meta, recipe)  # checks every shape
+    if not specs and recipe.rules:
+        conv1d = any(type(m).__name__ == "Conv1D" for m in layers.modules())
+        raise LowbitError(
+            f"recipe {recipe.name!r} matches no Linear layer of {config.model_type}"
+            + (" (its layers are GPT-2-style Conv1D, which lowbit does not quantize yet)" if conv1d else "")
+            + "; check the recipe's patterns and --exclude"
+        )
     outside = [n for n in specs if not n.startswith(layers_path + ".")]
     if outside:
         raise LowbitError(
