@@ -54,3 +54,19 @@ def test_a_recipe_that_matches_nothing_is_an_error(tmp_path):
             src, preset("fp8"), tmp_path / "q", torch.zeros(1, 8, dtype=torch.long), progress=False
         )
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_moe_checkpoints_transformers_fuses_are_refused_up_front(tmp_path):
+    from lowbit.errors import LowbitError
+
+    src = tmp_path / "mixtral"
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=1, vocab_size=128, num_local_experts=2, num_experts_per_tok=1,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    with pytest.raises(LowbitError, match="renames or fuses"):
+        quantize_checkpoint(
+            src, preset("fp8"), tmp_path / "q", torch.zeros(1, 8, dtype=torch.long), progress=False
+        )
+    assert not (tmp_path / "q.partial").exists()

@@ -34,6 +34,7 @@ from lowbit.models.loading import (
     SafetensorsReader,
     bound_heap,
     build_meta_model,
+    check_layout,
     free_memory_bytes,
     load_config,
     load_config_json,
@@ -154,6 +155,7 @@ def quantize_checkpoint(
             "the tokenizer does not match the model"
         )
     algorithm = recipe.algorithm
+    check_layout(config)
     meta = build_meta_model(config)
     fam = resolve_family(config, meta)
     layers_path = fam.layers

@@ -120,6 +120,20 @@ class SafetensorsReader:
         return out
 
 
+def check_layout(config: PretrainedConfig) -> None:
+    """lowbit reads checkpoint tensors under the model's module names; refuse, up front, architectures whose
+    checkpoints transformers renames or fuses on load (MoE experts stored one by one, fused to 3-D tensors)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: checkpoints are loaded as named
+        return
+    if get_checkpoint_conversion_mapping(config.model_type):
+        raise LowbitError(
+            f"model type {config.model_type!r}: transformers renames or fuses its checkpoint tensors on load "
+            "(MoE experts into 3-D tensors), which lowbit's tensor-by-tensor reader does not support yet"
+        )
+
+
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
     """The full model on the meta device: structure and names, no memory."""
     from transformers import AutoModelForCausalLM
