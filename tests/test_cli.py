@@ -195,7 +195,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
-def test_unsupported_architecture_names_supported_ones(tmp_path, text_file, capsys):
+def test_architectures_without_facts_get_one_line_errors(tmp_path, text_file, capsys):
+    """An encoder (BERT) has a Linear outside its layer list: the error names it and the fix."""
     from transformers import AutoConfig
 
     d = tmp_path / "bert"
@@ -203,7 +204,9 @@ def test_unsupported_architecture_names_supported_ones(tmp_path, text_file, caps
     AutoConfig.for_model("bert").save_pretrained(d)
     save_file({"x": torch.zeros(1)}, str(d / "model.safetensors"))
     code, _, err = run(capsys, *_quant_args(d, text_file, tmp_path / "o"))
-    assert code == 2 and "unsupported architecture 'bert'" in err and "llama" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cls.predictions.transform.dense" in err and "--exclude" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 def test_group_size_that_does_not_divide_names_layer_and_fix(tiny_factory, text_file, tmp_path, capsys):
