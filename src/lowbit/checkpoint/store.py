@@ -154,14 +154,21 @@ class CheckpointWriter:
         manifest = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(self.partial / MANIFEST, manifest)
         (self.partial / PROGRESS).unlink()
-        if self.output.exists():
-            old = self.output.with_name(self.output.name + ".replaced")
-            os.replace(self.output, old)
-            os.replace(self.partial, self.output)
+        return publish(self.partial, self.output)
+
+
+def publish(partial: Path, output: Path) -> Path:
+    """Rename the complete `partial` directory to `output`, replacing an existing output only now."""
+    if output.exists():
+        old = output.with_name(output.name + ".replaced")
+        if old.exists():
             shutil.rmtree(old)
-        else:
-            os.replace(self.partial, self.output)
-        return self.output
+        os.replace(output, old)
+        os.replace(partial, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, output)
+    return output
 
 
 _DTYPE_BYTES = {

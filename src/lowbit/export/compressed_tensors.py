@@ -22,13 +22,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.export.api import ExportOptions
-from lowbit.export.schemes import Scheme, exclude_modules, input_scale, kind
-from lowbit.export.source import KVScales, QLinear, Source, Unit
+from lowbit.export.schemes import (
+    Declared,
+    Scheme,
+    exclude_modules,
+    export_config,
+    input_scale,
+    kind,
+    write_unit,
+)
+from lowbit.export.source import KVScales, QLinear, Source
 from lowbit.export.writer import ExportWriter
 from lowbit.formats.elements import E2M1, E4M3, INT4, INT8, encode, encode_e8m0
 from lowbit.formats.packing import pack_int32, pack_nibbles
@@ -145,13 +152,13 @@ def quantization_config(source: Source, scheme_of: dict[str, Scheme]) -> dict[st
     }
 
 
-def linear_tensors(lin: QLinear, scheme: Scheme) -> dict[str, tuple[Tensor, torch.dtype, tuple[int, ...]]]:
+def linear_tensors(lin: QLinear, scheme: Scheme) -> Declared:
     """{suffix: (tensor, declared dtype, declared shape)} of one quantized Linear."""
     out_f, in_f = lin.weight.shape
     q = lin.weight_qtensors()[0]
     wk = scheme.weight[0]
     fmt = ct_format(scheme)
-    t: dict[str, tuple[Tensor, torch.dtype, tuple[int, ...]]] = {}
+    t: Declared = {}
     if fmt == "pack-quantized":
         bits = 4 if wk.startswith("int4") else 8
         codes = encode(q.values, INT4 if bits == 4 else INT8).to(torch.int16) + (1 << (bits - 1))
@@ -200,10 +207,10 @@ def linear_tensors(lin: QLinear, scheme: Scheme) -> dict[str, tuple[Tensor, torc
     return t
 
 
-def kv_scales(kv: KVScales) -> dict[str, Tensor]:
+def kv_scales(kv: KVScales) -> Declared:
     return {
-        f"{kv.attention}.k_scale": (kv.amax("k") / E4M3.max_norm).reshape(1),
-        f"{kv.attention}.v_scale": (kv.amax("v") / E4M3.max_norm).reshape(1),
+        f"{kv.attention}.{w}_scale": ((kv.amax(w) / E4M3.max_norm).reshape(1), torch.float32, (1,))
+        for w in ("k", "v")
     }
 
 
@@ -212,26 +219,11 @@ def export_ct(source: Source, writer: ExportWriter, options: ExportOptions) -> N
     scheme_of = {name: Scheme.of(spec) for name, spec in source.modules.items()}
     for s in set(scheme_of.values()):
         ct_format(s)  # every scheme checked before anything is written
-    config = dict(source.config)
-    if source.quantized:
-        config["quantization_config"] = quantization_config(source, scheme_of)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
+    qcfg = quantization_config(source, scheme_of) if source.quantized else None
     for label in tqdm(source.unit_labels(), desc="export compressed-tensors", unit="unit",
                       disable=not options.progress):  # fmt: skip
-        _write_unit(source.unit(label), scheme_of, dtype, writer)
-    writer.write_json("config.json", config)
+        write_unit(
+            writer, source.unit(label), dtype, lambda lin: linear_tensors(lin, scheme_of[lin.name]), kv_scales
+        )
+    writer.write_json("config.json", export_config(source, dtype, qcfg))
     writer.copy(source.tokenizer_files())
-
-
-def _write_unit(unit: Unit, scheme_of: dict[str, Scheme], dtype: torch.dtype, writer: ExportWriter) -> None:
-    for name, t in unit.tensors.items():
-        writer.add(name, t.to(dtype) if t.is_floating_point() else t)
-    for name, lin in unit.linears.items():
-        for suffix, (t, dt, shape) in linear_tensors(lin, scheme_of[name]).items():
-            writer.add(f"{name}.{suffix}", t, dt, shape)
-        if lin.bias is not None:
-            writer.add(f"{name}.bias", lin.bias.to(dtype))
-    for kv in unit.kv.values():
-        for name, t in kv_scales(kv).items():
-            writer.add(name, t.float(), torch.float32, (1,))

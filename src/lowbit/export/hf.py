@@ -23,24 +23,28 @@ unified export writes them (its TensorRT-LLM and Megatron exporters clamp them t
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.export.api import ExportOptions
-from lowbit.export.schemes import Scheme, exclude_modules, input_scale, kind
-from lowbit.export.source import KVScales, QLinear, Source, Unit
+from lowbit.export.schemes import (
+    Declared,
+    Scheme,
+    exclude_modules,
+    export_config,
+    input_scale,
+    kind,
+    write_unit,
+)
+from lowbit.export.source import KVScales, QLinear, Source
 from lowbit.export.writer import ExportWriter
 from lowbit.formats.elements import E2M1, E4M3, INT4, INT8, encode, encode_e8m0
 from lowbit.formats.packing import pack_nibbles
 from lowbit.formats.scaled import NVFP4_GLOBAL_DIVISOR
-
-log = logging.getLogger(__name__)
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 PRODUCER = {"name": "lowbit", "version": __version__}
@@ -73,12 +77,12 @@ def quant_algo(scheme: Scheme, algorithm: str) -> str:
     return algo
 
 
-def linear_tensors(lin: QLinear, algo: str) -> dict[str, tuple[Tensor, torch.dtype, tuple[int, ...]]]:
+def linear_tensors(lin: QLinear, algo: str) -> Declared:
     """{suffix: (tensor, declared dtype, declared shape)} of one quantized Linear in the unified format."""
     out_f, in_f = lin.weight.shape
     qs = lin.weight_qtensors()
     q = qs[0]
-    t: dict[str, tuple[Tensor, torch.dtype, tuple[int, ...]]] = {}
+    t: Declared = {}
     if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "fp8_pb_wo"):
         t["weight"] = (encode(q.values, E4M3), torch.float8_e4m3fn, (out_f, in_f))
         scale = q.scale.float()
@@ -120,12 +124,11 @@ def linear_tensors(lin: QLinear, algo: str) -> dict[str, tuple[Tensor, torch.dty
     return t
 
 
-def kv_scales(kv: KVScales) -> dict[str, Tensor]:
+def kv_scales(kv: KVScales) -> Declared:
     """k_scale / v_scale of one attention module, under the K / V projections as ModelOpt names them."""
     divisor = E4M3.max_norm if kv.fmt.element is E4M3 and not kv.fmt.global_scale else NVFP4_GLOBAL_DIVISOR
     return {
-        f"{kv.attention}.k_proj.k_scale": kv.amax("k") / divisor,
-        f"{kv.attention}.v_proj.v_scale": kv.amax("v") / divisor,
+        f"{kv.attention}.{w}_proj.{w}_scale": (kv.amax(w) / divisor, torch.float32, ()) for w in ("k", "v")
     }
 
 
@@ -179,28 +182,13 @@ def export_hf(source: Source, writer: ExportWriter, options: ExportOptions) -> N
     dtype = options.dtype or source.storage_dtype()
     scheme_of = {name: Scheme.of(spec) for name, spec in source.modules.items()}
     algos = {name: quant_algo(s, source.algorithm) for name, s in scheme_of.items()}  # all checked up front
-    labels = source.unit_labels()
-    for label in tqdm(labels, desc="export hf", unit="unit", disable=not options.progress):
-        _write_unit(source.unit(label), algos, dtype, writer)
-    config = dict(source.config)
+    for label in tqdm(source.unit_labels(), desc="export hf", unit="unit", disable=not options.progress):
+        write_unit(
+            writer, source.unit(label), dtype, lambda lin: linear_tensors(lin, algos[lin.name]), kv_scales
+        )
     quant = quant_config(source, algos, scheme_of)
     if source.quantized:
         writer.write_json(HF_QUANT_CONFIG, {"producer": PRODUCER, "quantization": quant})
-        config["quantization_config"] = config_quantization(quant)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    writer.write_json("config.json", config)
+    qcfg = config_quantization(quant) if source.quantized else None
+    writer.write_json("config.json", export_config(source, dtype, qcfg))
     writer.copy(source.tokenizer_files())
-
-
-def _write_unit(unit: Unit, algos: dict[str, str], dtype: torch.dtype, writer: ExportWriter) -> None:
-    for name, t in unit.tensors.items():
-        writer.add(name, t.to(dtype) if t.is_floating_point() else t)
-    for name, lin in unit.linears.items():
-        for suffix, (t, dt, shape) in linear_tensors(lin, algos[name]).items():
-            writer.add(f"{name}.{suffix}", t, dt, shape)
-        if lin.bias is not None:
-            writer.add(f"{name}.bias", lin.bias.to(dtype))
-    for kv in unit.kv.values():
-        for name, t in kv_scales(kv).items():
-            writer.add(name, t.float().reshape(()), torch.float32, ())

@@ -3,9 +3,11 @@ that the exporters share (which modules of the model are Linear, the exact scale
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from lowbit.formats.elements import PowerOfTwoElement
@@ -13,7 +15,11 @@ from lowbit.formats.scaled import NVFP4_GLOBAL_DIVISOR, ScaledFormat
 from lowbit.quant.linear import QuantSpec
 
 if TYPE_CHECKING:
-    from lowbit.export.source import Source
+    from lowbit.export.source import KVScales, QLinear, Source, Unit
+    from lowbit.export.writer import ExportWriter
+
+# {tensor suffix or name: (tensor, declared dtype, declared shape)}
+Declared = dict[str, tuple[Tensor, torch.dtype, tuple[int, ...]]]
 
 
 def kind(fmt: ScaledFormat) -> str:
@@ -71,3 +77,33 @@ def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:
     model = build_meta_model(load_config(source.dir))
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     return sorted(n for n, m in model.named_modules() if isinstance(m, kinds) and n not in source.modules)
+
+
+def write_unit(
+    writer: ExportWriter, unit: Unit, dtype: torch.dtype, linear_tensors: Callable[[QLinear], Declared],
+    kv_tensors: Callable[[KVScales], Declared],
+) -> None:  # fmt: skip
+    """Write one unit: unquantized tensors in `dtype`, each quantized Linear's tensors as the format declares
+    them (plus its bias in `dtype`), the K/V cache scales."""
+    for name, t in unit.tensors.items():
+        writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+    for name, lin in unit.linears.items():
+        for suffix, (t, dt, shape) in linear_tensors(lin).items():
+            writer.add(f"{name}.{suffix}", t, dt, shape)
+        if lin.bias is not None:
+            writer.add(f"{name}.bias", lin.bias.to(dtype))
+    for kv in unit.kv.values():
+        for name, (t, dt, shape) in kv_tensors(kv).items():
+            writer.add(name, t, dt, shape)
+
+
+def export_config(
+    source: Source, dtype: torch.dtype, quantization_config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The source's config.json with the export's dtype and quantization_config."""
+    config = dict(source.config)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    return config

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lowbit.checkpoint.store import publish
 from lowbit.errors import LowbitError
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -177,13 +178,4 @@ class ExportWriter:
                     f"{self.shard_prefix}.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                 )
-        if self.output.exists():
-            old = self.output.with_name(self.output.name + ".replaced")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.output, old)
-            os.replace(self.partial, self.output)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.partial, self.output)
-        return self.output
+        return publish(self.partial, self.output)
