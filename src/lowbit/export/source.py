@@ -151,50 +151,31 @@ class Source:
         return ["shell", *sorted(layers, key=_unit_key)]
 
     def unit(self, label: str) -> Unit:
-        names = [n for n in self.weights.file_of if _unit_of(n) == label]
-        tensors = self.weights.read(names)
+        tensors = self.weights.read([n for n in self.weights.file_of if _unit_of(n) == label])
+        stats: dict[str, dict[str, Tensor]] = {}  # quantizer path -> {amax / global_amax / amin: tensor}
+        for key, value in self.stats.read([k for k in self.stats.file_of if _unit_of(k) == label]).items():
+            quantizer, _, stat = key.rpartition(".")
+            stats.setdefault(quantizer, {})[stat] = value.float()
         linears: dict[str, QLinear] = {}
         for module, spec in self.modules.items():
-            if f"{module}.weight" not in tensors:
-                continue
-            stats = self._stats(module)
-            chain = [stats.get(f"weight_quantizer.{i}", {}) for i in range(len(spec.weight))]
-            linears[module] = QLinear(
-                module, spec, tensors.pop(f"{module}.weight"), tensors.pop(f"{module}.bias", None), chain,
-                stats.get("input_quantizer", {}),
-            )  # fmt: skip
+            if f"{module}.weight" in tensors:
+                chain = [stats.get(f"{module}.weight_quantizer.{i}", {}) for i in range(len(spec.weight))]
+                linears[module] = QLinear(
+                    module, spec, tensors.pop(f"{module}.weight"), tensors.pop(f"{module}.bias", None), chain,
+                    stats.get(f"{module}.input_quantizer", {}),
+                )  # fmt: skip
         kv: dict[str, KVScales] = {}
         if self.kv_format is not None:
-            attn = {
-                k.rsplit(".", 2)[0] for k in self.stats.file_of if _unit_of(k) == label and "_quantizer." in k
-            }
-            for a in sorted(attn):
-                if (
-                    f"{a}.k_quantizer.amax" in self.stats.file_of
-                    or f"{a}.k_quantizer.global_amax" in self.stats.file_of
-                ):
-                    s = self._stats(a)
-                    kv[a] = KVScales(a, self.kv_format, s.get("k_quantizer", {}), s.get("v_quantizer", {}))
+            for quantizer in sorted(q for q in stats if q.endswith(".k_quantizer")):
+                attention = quantizer.removesuffix(".k_quantizer")
+                kv[attention] = KVScales(
+                    attention, self.kv_format, stats[quantizer], stats.get(f"{attention}.v_quantizer", {})
+                )
         return Unit(label, tensors, linears, kv)
 
     def units(self) -> Iterator[Unit]:
         for label in self.unit_labels():
             yield self.unit(label)
-
-    def _stats(self, module: str) -> dict[str, dict[str, Tensor]]:
-        """{quantizer path relative to module (weight_quantizer.0, input_quantizer, k_quantizer): {stat: t}}"""
-        if self.manifest is None:
-            return {}
-        prefix = module + "."
-        keys = [k for k in self.stats.file_of if k.startswith(prefix)]
-        out: dict[str, dict[str, Tensor]] = {}
-        for key, value in self.stats.read(keys).items():
-            rel = key[len(prefix) :]
-            qname, _, stat = rel.rpartition(".")
-            if "." in qname and not qname.startswith("weight_quantizer."):
-                continue  # a child module's quantizer (k_proj.input_quantizer under self_attn)
-            out.setdefault(qname, {})[stat] = value.float()
-        return out
 
     def storage_dtype(self) -> torch.dtype:
         """The dtype of the model's unquantized weights (config dtype, else the embedding's)."""
