@@ -72,15 +72,12 @@ def _global_amax(g: Tensor) -> Tensor:
     """An amax from which `global_scale_from_amax` computes exactly the stored global scale g."""
     g = g.float().reshape(())
     amax = g * NVFP4_GLOBAL_DIVISOR
-    for step in range(64):
+    for _ in range(64):
         got = global_scale_from_amax(amax)
         if bool(got == g):
             return amax
-        toward = float("inf") if bool(got < g) else float("-inf")
-        amax = torch.nextafter(amax, torch.tensor(toward))
-        if step == 63:
-            break
-    return g * NVFP4_GLOBAL_DIVISOR
+        amax = torch.nextafter(amax, torch.tensor(float("inf") if bool(got < g) else float("-inf")))
+    return g * NVFP4_GLOBAL_DIVISOR  # not representable exactly: the nearest (a few ulps off)
 
 
 # --- hf (ModelOpt unified) --------------------------------------------------------------------------------
@@ -261,14 +258,14 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     tensors = reader.read(reader.names())
     modules: dict[str, dict[str, Tensor]] = {}
     plain: dict[str, Tensor] = {}
-    suffixes = ("weight_scale", "weight_scale_2", "input_scale", "weight_packed", "weight_shape",
-                "weight_global_scale", "input_global_scale", "k_scale", "v_scale")  # fmt: skip
     quantized = {n.rpartition(".")[0] for n in tensors if n.endswith((".weight_scale", ".weight_packed"))}
     for name, t in tensors.items():
         module, _, suffix = name.rpartition(".")
-        if module in quantized and (suffix in suffixes or suffix == "weight"):
+        if suffix in ("k_scale", "v_scale"):
+            continue  # KV cache scales: read below
+        if module in quantized and suffix != "bias":
             modules.setdefault(module, {})[suffix] = t
-        elif suffix not in ("k_scale", "v_scale"):
+        else:
             plain[name] = t
     if fmt == "hf":
         quant = json.loads((model_dir / "hf_quant_config.json").read_text())["quantization"] if (
