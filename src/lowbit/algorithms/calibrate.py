@@ -345,14 +345,8 @@ def _recalibrate_after(lin: QuantLinear, stage: int) -> None:
 
 def _set_first_amax(lin: QuantLinear, amax: Tensor) -> None:
     """Give the first weight quantizer `amax` and recalibrate the rest of the chain on its output."""
-    qs = lin.weight_quantizer.quantizers()
-    qs[0].amax = amax
-    w = qs[0](lin.weight.detach())
-    for q in qs[1:]:
-        q.amax = q.global_amax = q.amin = None
-        q.observe(w)
-        w = q(w)
-    lin._qweight = None
+    lin.weight_quantizer.quantizers()[0].amax = amax
+    _recalibrate_after(lin, 0)
 
 
 def _gptq(

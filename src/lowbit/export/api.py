@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.export.source import Source
 from lowbit.export.writer import DEFAULT_SHARD_BYTES, ExportWriter
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
