@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -140,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(x)
 
+    t = sub.add_parser(
+        "qat", help="quantization-aware training (and distillation) of a quantized checkpoint; torchrun for DDP/FSDP"
+    )
+    t.add_argument("--config", default=None, help="YAML file with the sections train:, optimizer:, checkpoint:, ...")
+    t.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="settings that win over the YAML, e.g. checkpoint.pretrained_checkpoint=DIR train.train_iters=200",
+    )  # fmt: skip
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+
     d = sub.add_parser("demo", help="quantize the built-in model with several presets and compare them")
     d.add_argument("--presets", default=",".join(DEMO_PRESETS))
     d.add_argument("--calib-size", type=int, default=128)
@@ -152,9 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "qat":  # key=value overrides may come before or after the options
+        unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    worker = int(os.environ.get("RANK", "0")) > 0  # under torchrun only rank 0 reports
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+        level=logging.WARNING if args.quiet or worker else logging.INFO, format="%(levelname)s %(message)s"
     )
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -167,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted; a quantize run continues with --resume", file=sys.stderr)
+        print(
+            "lowbit: interrupted; quantize continues with --resume, qat from its latest save when rerun",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -179,14 +202,9 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from lowbit.models.loading import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise LowbitError(
-            f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files there"
-        ) from None
+    return load_tokenizer(path)
 
 
 def _recipe(args: argparse.Namespace) -> Any:
@@ -268,6 +286,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"exported {source.dir} ({source.preset}) as {args.format} in {time.perf_counter() - start:.1f}s -> {out}"
     )
+    return 0
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    from lowbit.train.config import load_config
+    from lowbit.train.trainer import run
+
+    cfg = load_config(args.config, args.overrides)
+    result = run(cfg, progress=_progress(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = f"loss {result.final_loss:.4f}" if result.final_loss is not None else "no steps run"
+        evl = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+        where = f" -> {result.save_dir}/latest" if result.save_dir else ""
+        print(f"qat: iteration {result.iteration}, {loss}{evl} in {result.seconds:.1f}s{where}")
     return 0
 
 
@@ -469,6 +501,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "inspect": cmd_inspect,
     "export": cmd_export,
+    "qat": cmd_qat,
     "demo": cmd_demo,
 }
 

@@ -13,13 +13,19 @@ A tensor is viewed as blocks `(..., n_blocks, block_size)`; one scale per block.
 
 `fake_quant(x) == dequantize(quantize(x))` by construction, and packing (see `packing.py`) is lossless on
 grid values, so the fake-quantized model computes exactly what the packed checkpoint decodes to.
+
+Gradients (quantization-aware training): rounding passes the gradient straight through where x / (s * g)
+lies inside the element's range and blocks it where it saturates (`round_ste`), so d fake_quant / dx is 1
+inside the clipping range and 0 outside. Scales taken from the tensor itself (dynamic blocks, a missing
+global amax) are constants to autograd; a calibrated amax that requires grad gets the learned-step-size
+gradient (round(u) - u inside the range, the saturated code outside) from the same expression.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -219,6 +225,37 @@ def asym_scale_zero(lo: Tensor, hi: Tensor, fmt: ScaledFormat) -> tuple[Tensor, 
 # --- quantize / dequantize --------------------------------------------------------------------------------
 
 
+class _RoundSTE(torch.autograd.Function):
+    """round_to_grid in the forward; the straight-through gradient in the backward: passed where the input
+    lies inside the element's range [lo, hi], zero where rounding saturates."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, element: Element) -> Tensor:
+        lo, hi = element_range(element)
+        ctx.save_for_backward((u >= lo) & (u <= hi))
+        return round_to_grid(u, element)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
+def element_range(element: Element) -> tuple[float, float]:
+    """The lowest and highest grid values of an element (the clipping range in units of the scale)."""
+    if isinstance(element, IntElement):
+        return float(element.qmin), float(element.qmax)
+    return -element.max_norm, element.max_norm
+
+
+def round_ste(u: Tensor, element: Element) -> Tensor:
+    """round_to_grid, with a straight-through gradient when u requires grad (same values either way)."""
+    if u.requires_grad:
+        out: Tensor = _RoundSTE.apply(u, element)
+        return out
+    return round_to_grid(u, element)
+
+
 def quantize(
     x: Tensor,
     fmt: ScaledFormat,
@@ -233,7 +270,7 @@ def quantize(
     sshape = scale_shape(x.shape, fmt)
     g = None
     if fmt.global_scale:
-        g = global_scale_from_amax(xf.abs().amax() if global_amax is None else global_amax)
+        g = global_scale_from_amax(xf.detach().abs().amax() if global_amax is None else global_amax)
     zero = None
     if not fmt.symmetric:
         lo_hi = reduce_min_max(xf, fmt) if amax is None or amin is None else (amin, amax)
@@ -242,10 +279,10 @@ def quantize(
         scale = scale_from_amax(reduce_amax(xf, fmt) if amax is None else amax.reshape(sshape), fmt, g)
     eff = _effective(scale, g).reshape(*sshape, 1) if fmt.granularity != "tensor" else _effective(scale, g)
     if zero is None:
-        qb = round_to_grid(xb / eff, fmt.element)
+        qb = round_ste(xb / eff, fmt.element)
     else:
         zb = zero.reshape(eff.shape)
-        qb = round_to_grid(xb / eff + zb, fmt.element)
+        qb = round_ste(xb / eff + zb, fmt.element)
     return QTensor(from_blocks(qb, fmt, x.shape), scale.reshape(sshape), fmt, g, zero)
 
 

@@ -295,3 +295,15 @@ def model_files_for_copy(model_dir: Path) -> list[Path]:
 
 def load_config_json(model_dir: Path) -> dict[str, Any]:
     return dict(json.loads((model_dir / "config.json").read_text()))
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer stored with a model or checkpoint directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LowbitError(
+            f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files there"
+        ) from None

@@ -29,13 +29,13 @@ def quantize(
     config: Any = getattr(model, "config", None)
     if recipe.kv_cache is not None:
         use_kv_attention(config)
-    info = LayerInfo("", _whole_model_family(model), getattr(config, "num_attention_heads", None),
+    info = LayerInfo("", whole_model_family(model), getattr(config, "num_attention_heads", None),
                      getattr(config, "num_key_value_heads", None))  # fmt: skip
     calibrate_layer(model, info, recipe.algorithm, recipe.params, forward_loop)
     return specs
 
 
-def _whole_model_family(model: nn.Module) -> Any:
+def whole_model_family(model: nn.Module) -> Any:
     """The model's family facts with per-layer names made full names (model.layers.3.input_layernorm)."""
     from lowbit.errors import LowbitError
     from lowbit.models.families import family

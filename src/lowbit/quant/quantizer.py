@@ -31,6 +31,7 @@ class Quantizer(nn.Module):
         super().__init__()
         self.fmt = fmt
         self.calibrating = False
+        self.recompute_blocks = False  # QAT: block amaxes from the input at each call (global amax kept)
         self.samples: list[Tensor] | None = None  # when a list: observe() also keeps a sample of |x|
         for name in STAT_NAMES:
             self.register_buffer(name, None)
@@ -72,7 +73,9 @@ class Quantizer(nn.Module):
             return x
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer ({self.fmt.name}) used before calibration")
-        amax = self.amax if self.needs_block_amax else None
+        amax = self.amax if self.needs_block_amax and not self.recompute_blocks else None
+        if amax is not None and amax.requires_grad:  # a learned step size stays positive
+            amax = amax.clamp(min=torch.finfo(torch.float32).tiny)
         return fake_quant(x, self.fmt, amax=amax, global_amax=self.global_amax, amin=self.amin)
 
     def stats(self) -> dict[str, Tensor]:
