@@ -44,7 +44,9 @@ def test_ste_gradient_is_the_float_gradient_inside_the_clipping_range_and_zero_o
     x[0, :5] = torch.tensor([3.0, -3.0, 0.5, -0.5, 2.0])  # beyond the (shrunk) calibrated range below
     amax = reduce_amax(x, fmt) * 0.6 if fmt.scale_element is None or fmt.name == "nvfp4" else None
     global_amax = x.abs().amax() * 0.6 if fmt.global_scale else None
-    if amax is None:  # MX: power-of-two scales from the tensor itself; clip with a smaller calibrated block amax
+    if (
+        amax is None
+    ):  # MX: power-of-two scales from the tensor itself; clip with a smaller calibrated block amax
         amax = reduce_amax(x, fmt) / 4
     x.requires_grad_(True)
     upstream = torch.randn(16, 64)
@@ -55,9 +57,13 @@ def test_ste_gradient_is_the_float_gradient_inside_the_clipping_range_and_zero_o
     assert inside.any() and (~inside).any(), "the test must have elements on both sides"
     # float gradient of the identity: upstream; zero where the element saturates
     # (x / s) * s in the chain rule: equal to the float gradient up to one rounding
-    torch.testing.assert_close(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)), rtol=1e-6, atol=0
+    )
     # and the forward is unchanged by the gradient path
-    torch.testing.assert_close(y.detach(), fake_quant(x.detach(), fmt, amax=amax, global_amax=global_amax), rtol=0, atol=0)
+    torch.testing.assert_close(
+        y.detach(), fake_quant(x.detach(), fmt, amax=amax, global_amax=global_amax), rtol=0, atol=0
+    )
 
 
 def test_ste_gradient_flows_through_a_quantized_linear_into_the_weight():

@@ -139,6 +139,7 @@ def _check_keys(data: dict[str, Any], where: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str]) -> Config:
     """Defaults, then the YAML file at `path`, then the `key=value` overrides."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -147,9 +148,9 @@ def load_config(path: str | Path | None, overrides: list[str]) -> Config:
         p = Path(path)
         if not p.is_file():
             raise LowbitError(f"config file {str(path)!r} does not exist; pass --config FILE.yaml")
-        try:  # YAML syntax errors surface as ValueError subclasses
+        try:
             data = OmegaConf.to_container(OmegaConf.load(p))
-        except (OmegaConfBaseException, ValueError) as e:
+        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as e:
             raise LowbitError(f"{p}: not a readable YAML mapping ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise LowbitError(f"{p}: the config must be a YAML mapping of sections (train:, optimizer:, ...)")
