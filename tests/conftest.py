@@ -73,6 +73,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(
         hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
     ),
+    "gpt_bigcode": dict(hidden_size=128, n_inner=256, num_attention_heads=4),
 }
 
 

@@ -13,6 +13,7 @@ Resuming replays the finished layers from OUTPUT.partial (forward only) to rebui
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -57,17 +58,28 @@ class _Captured(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records its inputs and stops the forward."""
+    """Stands in for decoder layer 0: records its inputs and stops the forward. Arguments passed by
+    position after hidden_states (GPT-2 and GPT-BigCode pass the cache, mask and encoder states so) are
+    recorded under their names in the real layer's forward signature."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.inputs: list[tuple[Tensor, dict[str, Any]]] = []
+        self.signature = inspect.signature(layer.forward)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args:
-            raise LowbitError(
-                "decoder layers called with positional arguments beyond hidden_states are not supported"
-            )
+            try:
+                bound = self.signature.bind_partial(hidden_states, *args)
+            except TypeError:
+                raise LowbitError(
+                    f"the decoder layer takes {len(args)} positional arguments after hidden_states that its "
+                    "forward signature does not name; this architecture is not supported"
+                ) from None
+            named = dict(list(bound.arguments.items())[1:])
+            if any(p.kind is p.VAR_POSITIONAL for p in self.signature.parameters.values() if p.name in named):
+                raise LowbitError("decoder layers with *args after hidden_states are not supported")
+            kwargs = {**named, **kwargs}
         self.inputs.append((hidden_states, kwargs))
         raise _Captured
 
@@ -306,8 +318,8 @@ def _output_head_name(model: nn.Module) -> list[str]:
 def _capture_inputs(
     meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device
 ) -> list[tuple[Tensor, dict[str, Any]]]:
-    catcher = _Catcher()
     first = layers[0]
+    catcher = _Catcher(first)
     layers[0] = catcher
     try:
         for batch in calib.split(bs):

@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 KV_FP8_MAX = E4M3.max_norm  # 448
 DEFAULT_GROUP_SIZE = 128  # TensorRT-LLM's QuantConfig default, written where the format has no groups
+LLAMA_CONFIG_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt": "GPTForCausalLM"}  # else the HF architecture name
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -169,6 +170,12 @@ def _decoder_type(source: Source, options: ExportOptions) -> str:
 def make_plan(source: Source, options: ExportOptions) -> Plan:
     cfg = source.config
     decoder = _decoder_type(source, options)
+    missing = [k for k in LLAMA_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise LowbitError(
+            f"{source.model_type!r} has no {missing[0]} in its config: lowbit writes TensorRT-LLM checkpoints "
+            "for Llama-style layouts only; use --format hf or compressed-tensors"
+        )
     try:
         algos = {quant_algo(spec) for spec in dict.fromkeys(source.modules.values())}
     except LowbitError as e:

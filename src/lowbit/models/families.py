@@ -70,6 +70,9 @@ FAMILIES: tuple[Family, ...] = (
     Family(("gemma", "gemma2", "gemma3_text"), "model.layers", "gemma"),
     Family(("phi3",), "model.layers", "phi3"),
     Family(("starcoder2",), "model.layers", "gpt"),
+    # StarCoder / SantaCoder: q/k/v are one Linear already (c_attn); GELU sits between c_fc and c_proj
+    Family(("gpt_bigcode",), "transformer.h", "gpt",
+           (Smooth("ln_1", ("attn.c_attn",)), Smooth("ln_2", ("mlp.c_fc",))), fused=()),
 )
 
 SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
