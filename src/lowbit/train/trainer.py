@@ -240,7 +240,6 @@ class _Trainer:
                     f"{weights_from}: the trainer state does not match the model; it is damaged"
                 ) from None
         model.train()
-        model.to(dist.device)
         self.raw = model
         self.model = self._wrap(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -273,6 +272,10 @@ class _Trainer:
         return state
 
     def _wrap(self, model: nn.Module) -> nn.Module:
+        """The model on its device: as it is (one process), under DDP, or sharded by FSDP2, which moves
+        only each rank's shard to the device (a model larger than one device never lands whole on it)."""
+        if not (self.dist.initialized and self.cfg.dist.fsdp):
+            model.to(self.dist.device)
         if not self.dist.initialized:
             return model
         if self.cfg.dist.fsdp:
@@ -422,18 +425,17 @@ class _Trainer:
         if len(data) == 0:
             return None
         self.model.eval()
-        per_rank = -(-len(data) // self.dist.world)
-        mine = data[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+        per_rank, mbs = -(-len(data) // self.dist.world), self.cfg.train.micro_batch_size
+        mine = data[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank].split(mbs)
         nll, tokens = 0.0, 0.0
-        for ids in mine.split(self.cfg.train.micro_batch_size):
-            ids = ids.to(self.dist.device)
+        for b in range(-(-per_rank // mbs)):  # the same number of forwards on every rank (FSDP gathers)
+            ids = (mine[b] if b < len(mine) else data[:1]).to(self.dist.device)
             with self.autocast:
                 logits = self.model(input_ids=ids, use_cache=False).logits
-            n = ids[:, 1:].numel()
-            nll += float(lm_loss(logits, ids)) * n
-            tokens += n
-        if self.cfg.dist.fsdp and len(mine) == 0:  # FSDP ranks must all run the forward
-            self.model(input_ids=data[:1].to(self.dist.device), use_cache=False)
+            if b < len(mine):
+                n = ids[:, 1:].numel()
+                nll += float(lm_loss(logits, ids)) * n
+                tokens += n
         nll, tokens = self.dist.all_sum([nll, tokens])
         self.model.train()
         loss = nll / max(tokens, 1)
