@@ -74,6 +74,19 @@ TINY_CONFIGS: dict[str, dict] = {
         hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
     ),
     "gpt_bigcode": dict(hidden_size=128, n_inner=256, num_attention_heads=4),
+    "qwen2": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+    "gemma": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "gemma2": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "gemma3_text": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "phi3": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+    "starcoder2": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+    "falcon": dict(hidden_size=128, num_attention_heads=4),
 }
 
 

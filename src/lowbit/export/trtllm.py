@@ -159,12 +159,15 @@ def _decoder_type(source: Source, options: ExportOptions) -> str:
     if options.decoder_type:
         return options.decoder_type
     try:
-        return family(source.model_type).decoder_type
+        fam = family(source.model_type)
     except LowbitError:
+        fam = None
+    if fam is None or not fam.trtllm:
         raise LowbitError(
-            f"no TensorRT-LLM decoder type known for architecture {source.model_type!r}; "
-            "pass --decoder-type (e.g. llama) if its tensors follow that layout"
-        ) from None
+            f"lowbit has no TensorRT-LLM tensor names for architecture {source.model_type!r}; use --format hf "
+            "or compressed-tensors (or --decoder-type llama if its tensors follow the Llama layout)"
+        )
+    return fam.decoder_type
 
 
 def make_plan(source: Source, options: ExportOptions) -> Plan:

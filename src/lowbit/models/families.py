@@ -59,15 +59,19 @@ class Family:
     no_clip: tuple[str, ...] = field(default=())
     fused: tuple[tuple[str, ...], ...] = LLAMA_FUSED
     known: bool = True  # False: discovered from the model's structure (no smoothing / fusion facts)
+    # TensorRT-LLM checkpoints: lowbit knows the tensor names of Llama-style layers (separate q/k/v and
+    # gate/up/down, RMS norms, optional q/k norms) only
+    trtllm: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family(("llama",), "model.layers", "llama", LLAMA_SMOOTH),
-    Family(("mistral",), "model.layers", "llama", LLAMA_SMOOTH),
+    Family(("llama",), "model.layers", "llama", LLAMA_SMOOTH, trtllm=True),
+    Family(("mistral",), "model.layers", "llama", LLAMA_SMOOTH, trtllm=True),
     Family(("mixtral",), "model.layers", "llama"),
-    Family(("qwen2", "qwen3"), "model.layers", "qwen", LLAMA_SMOOTH),
+    Family(("qwen2", "qwen3"), "model.layers", "qwen", LLAMA_SMOOTH, trtllm=True),
     Family(("qwen3_moe", "qwen2_moe"), "model.layers", "qwen"),
-    Family(("gemma", "gemma2", "gemma3_text"), "model.layers", "gemma"),
+    Family(("gemma",), "model.layers", "gemma", trtllm=True),
+    Family(("gemma2", "gemma3_text"), "model.layers", "gemma"),
     Family(("phi3",), "model.layers", "phi3"),
     Family(("starcoder2",), "model.layers", "gpt"),
     # StarCoder / SantaCoder: q/k/v are one Linear already (c_attn); GELU sits between c_fc and c_proj
