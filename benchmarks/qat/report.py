@@ -1,12 +1,13 @@
 """Markdown table of benchmarks/qat/run.py results (the last row of each preset x mode x iters x lr).
 
-    python benchmarks/qat/report.py benchmarks/results/qat-pydocs.jsonl
+python benchmarks/qat/report.py benchmarks/results/qat-pydocs.jsonl
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def fmt(x: object, digits: int = 4) -> str:
@@ -20,7 +21,7 @@ def fmt(x: object, digits: int = 4) -> str:
 def main() -> None:
     rows: dict[tuple, dict] = {}
     for path in sys.argv[1:]:
-        for line in open(path):
+        for line in Path(path).read_text().splitlines():
             r = json.loads(line)
             rows[(r["preset"], r["mode"], r.get("iters"), r.get("lr"))] = r
     print("| preset | mode | iters | lr | ppl | BF16 ppl | KL | top-1 | recovered | train s |")
