@@ -87,6 +87,14 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi3": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
     "starcoder2": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
     "falcon": dict(hidden_size=128, num_attention_heads=4),
+    "mixtral": dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_local_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+    ),
 }
 
 

@@ -20,7 +20,7 @@ from lowbit.cli import main
 pytestmark = pytest.mark.slow
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
-            "falcon", "gpt_bigcode"]  # fmt: skip
+            "falcon", "gpt_bigcode", "mixtral", "qwen3_moe"]  # fmt: skip
 PRESETS = ["fp8", "int4_awq", "nvfp4"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
 # (family, format) -> what the one-line error says; every preset
@@ -31,6 +31,8 @@ EXPECTED_REFUSALS = {
     ("falcon", "trtllm"): "use --format hf",
     ("gpt_bigcode", "trtllm"): "use --format hf",
     ("phi3", "trtllm"): "use --format hf",
+    ("mixtral", "trtllm"): "use --format hf",
+    ("qwen3_moe", "trtllm"): "use --format hf",
 }
 
 

@@ -33,7 +33,8 @@ from lowbit.algorithms import gptq, search, smoothing
 from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
-from lowbit.models.families import Family, Smooth
+from lowbit.models import moe
+from lowbit.models.families import Family, Smooth, expand_groups
 from lowbit.quant.convert import (
     KV_QUANTIZERS,
     all_quantizers,
@@ -96,13 +97,10 @@ def calibrate_layer(
     sample = "percentile" in steps
     _set_sampling(layer, sample)
     with collect_inputs(linears, None if full_h else REPORT_ROWS) as stats:
-        set_calibrating(layer, True)
-        try:
-            forward_loop(layer)
-        finally:
-            set_calibrating(layer, False)
+        _observe(layer, forward_loop)
     report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
               for n, lin in linears.items() if n in stats}  # fmt: skip
+    _report_routing(layer, info, report)
     smoothed = _smooth(layer, linears, stats, info, steps, params)
     repass = _rescale_activation_stats(layer, linears, stats, smoothed)
     originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
@@ -120,16 +118,60 @@ def calibrate_layer(
     del originals
     if repass:
         _reset_activation_stats(layer)
-        set_calibrating(layer, True)
-        try:
-            forward_loop(layer)
-        finally:
-            set_calibrating(layer, False)
+        _observe(layer, forward_loop)
     if sample:
         _activation_search(layer, steps, params)
     _set_sampling(layer, False)
+    tie_shared_inputs(linears, info.family)
     check_calibrated(layer, info.prefix)
     return report
+
+
+def _observe(layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
+    """One calibration pass: quantizers observe, Linears compute in float, every MoE expert sees every token
+    (the layer's output stays the routed one)."""
+    set_calibrating(layer, True)
+    moe.set_calibrating(layer, True)
+    try:
+        forward_loop(layer)
+    finally:
+        set_calibrating(layer, False)
+        moe.set_calibrating(layer, False)
+
+
+def _report_routing(layer: nn.Module, info: LayerInfo, report: dict[str, dict[str, Any]]) -> None:
+    """Tokens the router sent to each expert, in each expert Linear's report; experts that got none are
+    named in a warning (they are calibrated on every token, as all experts are, so their scales are set)."""
+    for name, counts in moe.routed_report(layer).items():
+        full = f"{info.prefix}.{name}" if info.prefix else name
+        for key, entry in report.items():
+            rest = key[len(full) + 1 :] if key.startswith(full + ".") else None
+            if rest is not None and rest.partition(".")[0].isdigit():
+                entry["routed_tokens"] = counts[int(rest.partition(".")[0])]
+        idle = [str(e) for e, c in enumerate(counts) if c == 0]
+        if idle:
+            log.warning(
+                "%s: expert%s %s routed no calibration tokens (of %d routings); calibrated on every token like "
+                "all experts, so their scales are set; more varied calibration data would route to them",
+                full, "s" if len(idle) > 1 else "", ", ".join(idle), sum(counts),
+            )  # fmt: skip
+
+
+def tie_shared_inputs(linears: dict[str, QuantLinear], family: Family | None) -> None:
+    """Give the Linears whose inputs engines quantize with one scale (a MoE block's experts) the max of
+    their static per-tensor input amaxes (or NVFP4 global amaxes)."""
+    if family is None or not family.shared_inputs:
+        return
+    for group in expand_groups(family.shared_inputs, linears, per_expert=False):
+        qs = [linears[n].input_quantizer for n in group]
+        for attr in ("amax", "global_amax"):
+            values = [getattr(q, attr) for q in qs if q is not None and getattr(q, attr) is not None]
+            if len(values) < 2 or any(v.numel() != 1 for v in values):
+                continue
+            shared = torch.stack([v.reshape(()) for v in values]).max()
+            for q in qs:
+                if q is not None and getattr(q, attr) is not None:
+                    setattr(q, attr, shared.reshape(getattr(q, attr).shape).clone())
 
 
 def _calibrate_data_free(
@@ -202,7 +244,8 @@ def _smooth(
         log.warning("%s: no smoothing groups known for this architecture; %s skipped", info.prefix, method)
         return []
     smoothed: list[Smooth] = []
-    for group in info.family.smooth:
+    names = [n for n, _ in layer.named_modules()]
+    for group in (g for pattern in info.family.smooth for g in pattern.expand(names)):
         members = [linears.get(n) for n in group.linears]
         if any(m is None for m in members) or any(n not in stats for n in group.linears):
             continue  # part of the group is not quantized (or never ran)
@@ -226,8 +269,9 @@ def _smooth(
             s = smoothing.smoothquant_scales(a, w, params.sq_alpha)
         else:
             s = _awq_scale(mods, st, cmap_t, n_prev, params)
-        smoothing.fold(prev, mods, s, cmap_t)
-        _round_to_storage(layer, info, [group.prev, *group.linears])
+        also = [n for n in group.also if n in names]
+        smoothing.fold(prev, [*mods, *(layer.get_submodule(n) for n in also)], s, cmap_t)
+        _round_to_storage(layer, info, [group.prev, *group.linears, *also])
         st.scale_inputs(smoothing.expand(s, cmap_t))
         smoothed.append(group)
     return smoothed
@@ -309,7 +353,7 @@ def tie_fused_scales(linears: dict[str, QuantLinear], family: Family | None) -> 
     are recalibrated on the result. The fake-quantized model then computes what the fused engine GEMM does."""
     if family is None:
         return
-    for group in family.fused:
+    for group in expand_groups(family.fused, linears, per_expert=True):
         members = [linears[n] for n in group if n in linears]
         if len(members) < 2:
             continue

@@ -30,7 +30,7 @@ from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
-from lowbit.models.families import Family, resolve_family
+from lowbit.models.families import Family, resolve_family, to_module_name
 from lowbit.models.loading import (
     SafetensorsReader,
     bound_heap,
@@ -45,6 +45,7 @@ from lowbit.models.loading import (
     resolve_model,
     trim_heap,
 )
+from lowbit.models.moe import unfuse_experts
 from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
@@ -160,16 +161,17 @@ def quantize_checkpoint(
     bound_heap()
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
-    reader = SafetensorsReader(model_dir)
     if int(calib.max()) >= config.vocab_size:
         raise LowbitError(
             f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
             "the tokenizer does not match the model"
         )
     algorithm = recipe.algorithm
-    check_layout(config)
     meta = build_meta_model(config)
     fam = resolve_family(config, meta)
+    check_layout(config, known=fam.moe is not None or bool(fam.renames))
+    unfuse_experts(meta, fam)  # one Linear per expert projection, named as the checkpoint names them
+    reader = SafetensorsReader(model_dir, rename=lambda n: to_module_name(n, fam))
     layers_path = fam.layers
     layers = meta.get_submodule(layers_path)
     if not isinstance(layers, nn.ModuleList):

@@ -97,9 +97,10 @@ def awq_search(
 
 
 @torch.no_grad()
-def fold(prev: nn.Module, linears: Sequence[nn.Linear], s: Tensor, channel_map: Tensor | None = None) -> None:
+def fold(prev: nn.Module, linears: Sequence[nn.Module], s: Tensor, channel_map: Tensor | None = None) -> None:
     """Divide prev's output channels by s (a norm's weight and bias, or a Linear's output rows and bias) and
-    multiply the linears' input columns by s (expanded through `channel_map`). In place."""
+    multiply the input columns of `linears` (Linears, or routers with a weight) by s (expanded through
+    `channel_map`). In place."""
     weight = prev.weight
     assert isinstance(weight, Tensor)
     sp = s.to(weight.device)
@@ -112,4 +113,6 @@ def fold(prev: nn.Module, linears: Sequence[nn.Linear], s: Tensor, channel_map: 
         bias.div_(sp.to(bias.dtype))
     si = expand(sp, channel_map)
     for linear in linears:
-        linear.weight.mul_(si.to(linear.weight.dtype))
+        w = linear.weight
+        assert isinstance(w, Tensor)
+        w.mul_(si.to(w.dtype))

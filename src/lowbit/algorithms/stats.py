@@ -73,31 +73,38 @@ def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
     return ((delta @ hessian) * delta).sum()
 
 
+RECENT_INPUTS = 4  # inputs remembered for sharing: a MoE block reads its input again after each expert
+
+
 @contextmanager
 def collect_inputs(
     linears: Mapping[str, nn.Module], hessian_rows: int | None
 ) -> Iterator[dict[str, InputStats]]:
     """Hooks that fill {name: InputStats} while the caller runs forward passes. Linears called with the very
-    same tensor object as the Linear before them (q/k/v, gate/up) share that one's InputStats."""
+    same tensor object as one of the last few Linears (q/k/v, gate/up, every expert of a MoE block during
+    calibration) share that one's InputStats, so a shared input is accumulated once."""
     stats: dict[str, InputStats] = {}
-    last: list[object] = [
-        None,
-        None,
-    ]  # [the last input seen (kept alive, so identity is reliable), its stats]
+    recent: list[tuple[Tensor, InputStats]] = []  # kept alive, so identity is reliable
 
     def hook(name: str, args: tuple[Tensor, ...]) -> None:
         x = args[0]
-        if x is last[0]:
-            stats.setdefault(name, last[1])  # type: ignore[arg-type]
-            if stats[name] is last[1]:
+        seen = next((i for i, (t, _) in enumerate(recent) if t is x), None)
+        if seen is not None:
+            shared = recent.pop(seen)
+            recent.append(shared)
+            own = stats.setdefault(name, shared[1])
+            if own is shared[1]:
                 return
         own = stats.setdefault(name, InputStats(x.shape[-1], hessian_rows))
         own.add(x)
-        last[0], last[1] = x, own
+        if seen is None:
+            recent.append((x, own))
+            del recent[:-RECENT_INPUTS]
 
     handles = [m.register_forward_pre_hook(lambda _, a, n=name: hook(n, a)) for name, m in linears.items()]
     try:
         yield stats
     finally:
+        recent.clear()
         for h in handles:
             h.remove()

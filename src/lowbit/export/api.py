@@ -57,6 +57,9 @@ def export(
     if out.resolve() == src.dir.resolve():
         raise LowbitError("--output is the checkpoint itself; choose another directory")
     exporter = _exporter(fmt)
-    with ExportWriter(out, overwrite=options.overwrite, max_shard_bytes=options.max_shard_bytes) as writer:
+    rename = src.checkpoint_name if fmt != "trtllm" else None
+    with ExportWriter(
+        out, overwrite=options.overwrite, max_shard_bytes=options.max_shard_bytes, rename=rename
+    ) as writer:
         exporter(src, writer, options)
         return writer.finish()

@@ -128,7 +128,7 @@ def quantization_config(source: Source, scheme_of: dict[str, Scheme]) -> dict[st
         if len(schemes) == 1:
             cfg["targets"] = ["Linear"]
         else:
-            cfg["targets"] = sorted(n for n, s in scheme_of.items() if s == scheme)
+            cfg["targets"] = sorted(source.checkpoint_name(n) for n, s in scheme_of.items() if s == scheme)
         groups[f"group_{i}"] = cfg
     formats = {g["format"] for g in groups.values()}
     kv = None

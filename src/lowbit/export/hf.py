@@ -150,7 +150,9 @@ def quant_config(source: Source, algos: dict[str, str], scheme_of: dict[str, Sch
     elif distinct:
         quant["quant_algo"] = "MIXED_PRECISION"
         quant["quantized_layers"] = {
-            name: {"quant_algo": algo, **({"group_size": g} if (g := scheme_of[name].group_size) else {})}
+            source.checkpoint_name(name): {
+                "quant_algo": algo, **({"group_size": g} if (g := scheme_of[name].group_size) else {})
+            }
             for name, algo in algos.items()
         }
     quant["exclude_modules"] = exclude

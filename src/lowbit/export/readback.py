@@ -242,7 +242,9 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.checkpoint.load import load_quantizer_stats
+    from lowbit.models.families import Family, family, to_checkpoint_name, to_module_name
     from lowbit.models.loading import SafetensorsReader
+    from lowbit.models.moe import unfuse_known
     from lowbit.quant.convert import KV_QUANTIZERS
     from lowbit.quant.kv import is_attention, use_kv_attention
     from lowbit.quant.linear import QuantLinear
@@ -254,7 +256,19 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    reader = SafetensorsReader(model_dir)
+    unfuse_known(model)  # MoE experts: one Linear per projection, as exported
+    try:
+        fam: Family | None = family(str(config.model_type))
+    except LowbitError:
+        fam = None
+
+    def module_name(name: str) -> str:
+        return to_module_name(name, fam) if fam is not None else name
+
+    def checkpoint_name(name: str) -> str:
+        return to_checkpoint_name(name + ".", fam)[:-1] if fam is not None else name
+
+    reader = SafetensorsReader(model_dir, rename=module_name)
     tensors = reader.read(reader.names())
     modules: dict[str, dict[str, Tensor]] = {}
     plain: dict[str, Tensor] = {}
@@ -280,11 +294,12 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     stats: dict[str, Tensor] = {}
     for module, mt in modules.items():
         if fmt == "hf":
-            algo = layers.get(module, {}).get("quant_algo", quant.get("quant_algo"))
-            gs = layers.get(module, {}).get("group_size", quant.get("group_size"))
+            layer = layers.get(checkpoint_name(module), {})
+            algo = layer.get("quant_algo", quant.get("quant_algo"))
+            gs = layer.get("group_size", quant.get("group_size"))
             d = decode_hf(mt, algo, gs)
         else:
-            d = decode_ct(mt, ct_spec(_ct_group(groups, module)))
+            d = decode_ct(mt, ct_spec(_ct_group(groups, checkpoint_name(module))))
         linear = model.get_submodule(module)
         if not isinstance(linear, nn.Linear):
             raise LowbitError(

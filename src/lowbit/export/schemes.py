@@ -73,10 +73,18 @@ def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:
     from torch import nn
 
     from lowbit.models.loading import build_meta_model, load_config
+    from lowbit.models.moe import unfuse_known
 
     model = build_meta_model(load_config(source.dir))
+    unfuse_known(model)
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    return sorted(n for n, m in model.named_modules() if isinstance(m, kinds) and n not in source.modules)
+    fam = source.family
+    router = "." + fam.moe.router if fam is not None and fam.moe is not None else None
+    return sorted(
+        source.checkpoint_name(n)
+        for n, m in model.named_modules()
+        if (isinstance(m, kinds) or (router is not None and n.endswith(router))) and n not in source.modules
+    )
 
 
 def write_unit(

@@ -21,6 +21,7 @@ from torch import Tensor
 from lowbit.checkpoint.load import is_lowbit_checkpoint, read_manifest
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import QTensor, ScaledFormat, dequantize, quantize
+from lowbit.models.families import Family, family, to_checkpoint_name
 from lowbit.models.loading import SafetensorsReader, load_config_json, model_files_for_copy, resolve_model
 from lowbit.quant.linear import QuantSpec
 from lowbit.quant.recipe import format_from_data, spec_from_dict
@@ -122,6 +123,18 @@ class Source:
             sorted(p.name for p in self.dir.glob("quantizers-*.safetensors")) if self.manifest else []
         )
         self.stats = SafetensorsReader(self.dir, stat_files)
+
+    @property
+    def family(self) -> Family | None:
+        try:
+            return family(self.model_type)
+        except LowbitError:
+            return None
+
+    def checkpoint_name(self, name: str) -> str:
+        """A tensor or module name as the original checkpoint names it (lowbit works with module names)."""
+        fam = self.family
+        return to_checkpoint_name(name + ".", fam)[:-1] if fam is not None and fam.renames else name
 
     @property
     def quantized(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -98,8 +99,9 @@ class ExportWriter:
     """Context manager building OUTPUT; `add` tensors, `write_json` / `copy` files, then `finish`."""
 
     def __init__(self, output: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 shard_prefix: str = "model") -> None:  # fmt: skip
+                 shard_prefix: str = "model", rename: Callable[[str], str] | None = None) -> None:  # fmt: skip
         self.output = Path(output)
+        self.rename = rename  # module names -> the names the original checkpoint (and engines) use
         self.partial = self.output.with_name(self.output.name + ".partial")
         if self.output.exists() and not overwrite:
             raise LowbitError(
@@ -128,6 +130,8 @@ class ExportWriter:
         self, name: str, t: Tensor, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None
     ) -> None:
         """Queue one tensor for the sharded weights (checked first)."""
+        if self.rename is not None:
+            name = self.rename(name)
         if name in self._names:
             raise LowbitError(f"export: tensor {name} written twice; this is a lowbit bug")
         check_tensor(name, t, dtype, shape)

@@ -7,6 +7,8 @@ One entry per family. Algorithms read these facts; they never branch on the arch
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +32,23 @@ class Smooth:
     prev: str
     linears: tuple[str, ...]
     heads: bool = False
+    also: tuple[str, ...] = ()  # unquantized modules reading the same input (MoE routers): folded too
+
+    def expand(self, names: Iterable[str]) -> list[Smooth]:
+        """The concrete groups of a layer whose module names are `names`: `*` stands for an expert index;
+        with `*` in `prev` there is one group per expert, else one group of every match."""
+        if "*" not in self.prev and not any("*" in n for n in self.linears):
+            return [self]
+        names = list(names)
+        if "*" in self.prev:
+            indices = dict.fromkeys(i for n in names for i in _captures(self.prev, n))
+            return [
+                replace(self, prev=self.prev.replace("*", i),
+                        linears=tuple(n.replace("*", i) for n in self.linears))
+                for i in indices
+            ]  # fmt: skip
+        linears = tuple(n for pattern in self.linears for n in names if _captures(pattern, n))
+        return [replace(self, linears=linears)] if linears else []
 
 
 LLAMA_SMOOTH = (
@@ -48,6 +67,67 @@ LLAMA_FUSED = (
 )
 
 
+def _captures(pattern: str, name: str) -> list[str]:
+    """[the expert index `*` stands for] if `name` matches `pattern` ([""] for a plain equal name), else []."""
+    if "*" not in pattern:
+        return [""] if pattern == name else []
+    m = re.fullmatch(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+    return [m.group(1)] if m else []
+
+
+def expand_groups(groups: Iterable[tuple[str, ...]], names: Iterable[str], per_expert: bool) -> list[list[str]]:
+    """Concrete module groups of one layer from patterns where `*` stands for an expert index: one group per
+    index (`per_expert`: an expert's gate and up share a GEMM) or one group of every match (every expert of
+    the block shares one input scale in the engines)."""
+    names = list(names)
+    out: list[list[str]] = []
+    for group in groups:
+        if not per_expert or not any("*" in p for p in group):
+            members = [n for p in group for n in names if _captures(p, n)]
+            if members:
+                out.append(members)
+            continue
+        by_index: dict[str, list[str]] = {}
+        for p in group:
+            for n in names:
+                for i in _captures(p, n):
+                    by_index.setdefault(i, []).append(n)
+        out.extend(by_index.values())
+    return out
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A family's mixture-of-experts block: where its experts are and what the checkpoint calls each expert's
+    projections (models/moe.py turns the fused 3-D experts of transformers into one Linear each)."""
+
+    experts: str  # the fused experts module inside a decoder layer
+    gate: str
+    up: str
+    down: str
+    router: str  # kept in high precision (the default skips)
+
+    def linears(self, which: str) -> str:
+        return f"{self.experts}.*.{getattr(self, which)}"
+
+
+def moe_facts(moe: MoE) -> dict[str, Any]:
+    """Smoothing groups, fused GEMMs and shared input scales of a Llama-style layer whose MLP is `moe`."""
+    gate, up, down = moe.linears("gate"), moe.linears("up"), moe.linears("down")
+    return dict(
+        smooth=(
+            *LLAMA_SMOOTH[:2],
+            # the router reads the normed input too: its weight takes the scales, so routing is unchanged
+            Smooth("post_attention_layernorm", (gate, up), also=(moe.router,)),
+            Smooth(up, (down,)),
+            *LLAMA_SMOOTH[2:],  # dense MLP layers of a MoE model (Qwen3-MoE's mlp_only_layers)
+        ),
+        fused=(*LLAMA_FUSED, (gate, up)),
+        shared_inputs=((gate, up), (down,)),
+        moe=moe,
+    )
+
+
 @dataclass(frozen=True)
 class Family:
     model_types: tuple[str, ...]
@@ -58,6 +138,12 @@ class Family:
     # them too gave 13% lower KL at int4 (docs/results.md), so no family skips any by default.
     no_clip: tuple[str, ...] = field(default=())
     fused: tuple[tuple[str, ...], ...] = LLAMA_FUSED
+    # Linears (patterns, `*` = every expert) whose input quantizers engines run with one scale: the
+    # experts of a MoE block (vLLM's fused MoE takes one input scale for w1/w3 and one for w2 per layer)
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
+    moe: MoE | None = None
+    # checkpoint name fragment -> module name fragment (transformers renames these on load)
+    renames: tuple[tuple[str, str], ...] = ()
     known: bool = True  # False: discovered from the model's structure (no smoothing / fusion facts)
     # TensorRT-LLM checkpoints: lowbit knows the tensor names of Llama-style layers (separate q/k/v and
     # gate/up/down, RMS norms, optional q/k norms) only
@@ -67,9 +153,11 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family(("llama",), "model.layers", "llama", LLAMA_SMOOTH, trtllm=True),
     Family(("mistral",), "model.layers", "llama", LLAMA_SMOOTH, trtllm=True),
-    Family(("mixtral",), "model.layers", "llama"),
+    Family(("mixtral",), "model.layers", "mixtral", renames=((".block_sparse_moe.", ".mlp."),),
+           **moe_facts(MoE("mlp.experts", "w1", "w3", "w2", "mlp.gate"))),
     Family(("qwen2", "qwen3"), "model.layers", "qwen", LLAMA_SMOOTH, trtllm=True),
-    Family(("qwen3_moe", "qwen2_moe"), "model.layers", "qwen"),
+    Family(("qwen3_moe",), "model.layers", "qwen",
+           **moe_facts(MoE("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"))),
     Family(("gemma",), "model.layers", "gemma", trtllm=True),
     Family(("gemma2", "gemma3_text"), "model.layers", "gemma"),
     Family(("phi3",), "model.layers", "phi3"),
@@ -80,6 +168,20 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def to_module_name(name: str, fam: Family) -> str:
+    """A checkpoint tensor name as the model's modules name it."""
+    for stored, module in fam.renames:
+        name = name.replace(stored, module)
+    return name
+
+
+def to_checkpoint_name(name: str, fam: Family) -> str:
+    """A module's tensor name as the original checkpoint (and the engines reading exports) name it."""
+    for stored, module in fam.renames:
+        name = name.replace(module, stored)
+    return name
 
 
 def family(model_type: str) -> Family:

@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,14 @@ def load_config(model_dir: Path) -> PretrainedConfig:
 
 
 class SafetensorsReader:
-    """Tensor name -> file map over a checkpoint's safetensors files (single file or sharded index)."""
+    """Tensor name -> file map over a checkpoint's safetensors files (single file or sharded index).
 
-    def __init__(self, model_dir: Path, files: list[str] | None = None) -> None:
+    `rename` maps a stored name to the name the reader shows (the model's module names, where transformers
+    renames checkpoint tensors on load)."""
+
+    def __init__(
+        self, model_dir: Path, files: list[str] | None = None, rename: Callable[[str], str] | None = None
+    ) -> None:
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
         if files is not None:
@@ -79,9 +84,13 @@ class SafetensorsReader:
                     f"{model_dir}: no .safetensors files; lowbit reads safetensors checkpoints only"
                 )
         self.file_of: dict[str, str] = {}
+        self.stored: dict[str, str] = {}  # shown name -> name in the file, where they differ
         for name in files:
             for key in self._keys(model_dir / name):
-                self.file_of[key] = name
+                shown = rename(key) if rename is not None else key
+                self.file_of[shown] = name
+                if shown != key:
+                    self.stored[shown] = key
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
@@ -112,7 +121,7 @@ class SafetensorsReader:
             try:
                 with safe_open(path, "pt") as f:
                     for k in keys:
-                        out[k] = f.get_tensor(k).clone()  # own the memory: the map closes with the file
+                        out[k] = f.get_tensor(self.stored.get(k, k)).clone()  # own it: the map closes
             except Exception as e:
                 raise LowbitError(
                     f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint"
@@ -120,14 +129,15 @@ class SafetensorsReader:
         return out
 
 
-def check_layout(config: PretrainedConfig) -> None:
+def check_layout(config: PretrainedConfig, known: bool) -> None:
     """lowbit reads checkpoint tensors under the model's module names; refuse, up front, architectures whose
-    checkpoints transformers renames or fuses on load (MoE experts stored one by one, fused to 3-D tensors)."""
+    checkpoints transformers renames or fuses on load (MoE experts stored one by one, fused to 3-D tensors)
+    unless lowbit's family facts say how (`known`: renames and per-expert Linears, models/moe.py)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # older transformers: checkpoints are loaded as named
         return
-    if get_checkpoint_conversion_mapping(config.model_type):
+    if not known and get_checkpoint_conversion_mapping(config.model_type):
         raise LowbitError(
             f"model type {config.model_type!r}: transformers renames or fuses its checkpoint tensors on load "
             "(MoE experts into 3-D tensors), which lowbit's tensor-by-tensor reader does not support yet"

@@ -1,0 +1,132 @@
+"""Mixture-of-experts blocks as one Linear per expert projection.
+
+transformers 5 computes a MoE block's experts from two fused 3-D parameters (`gate_up_proj` (E, 2I, H), the
+gate rows first, and `down_proj` (E, H, I)), while checkpoints store every expert's projections as separate
+2-D tensors (`experts.3.w1.weight`, or `gate_proj` / `up_proj` / `down_proj`). lowbit replaces the fused
+module with `ExpertList`: a ModuleList of `Expert`s whose Linears carry the checkpoint's names. Every expert
+projection is then an ordinary Linear to quantize, calibrate, export and read back, and the tensors of the
+checkpoint load one by one; a model already loaded with fused tensors is split into the same modules.
+
+Calibration (`calibrating = True`): every expert runs on every token, so each expert's statistics come from
+the whole calibration set, while the block's output stays the routed combination (the next layers see what
+the model computes). `routed` counts the tokens the router actually sent to each expert; an expert with
+none is reported (it is calibrated on all tokens like the others, never left without scales).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.families import Family, MoE, family
+
+
+class Expert(nn.Module):
+    """One gated-MLP expert: down(act(gate(x)) * up(x)), its Linears named as the checkpoint names them."""
+
+    def __init__(self, moe: MoE, hidden: int, inter: int, act: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.names = (moe.gate, moe.up, moe.down)
+        self.act = act
+        for name, (n_out, n_in) in zip(self.names, ((inter, hidden), (inter, hidden), (hidden, inter)), strict=True):
+            self.add_module(name, nn.Linear(n_in, n_out, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act(gate(x)) * up(x))
+
+
+class ExpertList(nn.ModuleList):
+    """The experts of one MoE block, called as transformers' fused experts module is:
+    `experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`."""
+
+    def __init__(self, experts: list[Expert]) -> None:
+        super().__init__(experts)
+        self.calibrating = False
+        self.routed = [0] * len(experts)  # tokens routed to each expert during calibration
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, pos = torch.where(top_k_index == e)
+            if self.calibrating:
+                self.routed[e] += int(token_idx.numel())
+                y = expert(hidden_states)[token_idx]  # statistics from every token, output from the routed
+            elif token_idx.numel():
+                y = expert(hidden_states[token_idx])
+            else:
+                continue
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
+        return out
+
+
+def expert_lists(root: nn.Module) -> list[tuple[str, ExpertList]]:
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, ExpertList)]
+
+
+def set_calibrating(root: nn.Module, flag: bool) -> None:
+    """Route every token through every expert (statistics) while the output stays routed; zero the counts
+    when calibration starts."""
+    for _, m in expert_lists(root):
+        if flag and not m.calibrating:
+            m.routed = [0] * len(m)
+        m.calibrating = flag
+
+
+def unfuse_experts(model: nn.Module, family: Family) -> int:
+    """Replace every fused experts module (3-D `gate_up_proj` / `down_proj`) under `model` with an
+    ExpertList; on a materialized model the fused tensors are split into the experts' weights. Returns the
+    number of blocks replaced. Works on the meta device too."""
+    moe = family.moe
+    if moe is None:
+        return 0
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not name.endswith(moe.experts) or not _is_fused(module):
+            continue
+        gate_up: Tensor = module.gate_up_proj
+        down: Tensor = module.down_proj
+        n, two_i, hidden = gate_up.shape
+        inter = two_i // 2
+        act = module.act_fn
+        with torch.device(gate_up.device):
+            experts = ExpertList([Expert(moe, hidden, inter, act) for _ in range(n)])
+        experts.to(gate_up.dtype)
+        if gate_up.device.type != "meta":
+            with torch.no_grad():
+                for e, expert in enumerate(experts):
+                    getattr(expert, moe.gate).weight.copy_(gate_up[e, :inter])
+                    getattr(expert, moe.up).weight.copy_(gate_up[e, inter:])
+                    getattr(expert, moe.down).weight.copy_(down[e])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, experts)
+        count += 1
+    return count
+
+
+def unfuse_known(model: nn.Module) -> int:
+    """unfuse_experts with the facts of the model's own family (none for unknown architectures)."""
+    try:
+        fam = family(str(getattr(getattr(model, "config", None), "model_type", "")))
+    except LowbitError:
+        return 0
+    return unfuse_experts(model, fam)
+
+
+def _is_fused(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3 and down.dim() == 3
+        and hasattr(module, "act_fn") and not getattr(module, "has_bias", False)
+    )  # fmt: skip
+
+
+def routed_report(root: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """{experts module name: [tokens routed to each expert]} of the last calibration pass."""
+    return {
+        f"{prefix}.{name}" if prefix else name: list(m.routed) for name, m in expert_lists(root)
+    }

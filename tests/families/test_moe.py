@@ -1,0 +1,120 @@
+"""Mixture-of-experts models: experts as one Linear per projection compute what transformers' fused experts
+compute; calibration reaches every expert, reports the ones the router skipped, and ties the scales that
+engines share across experts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lowbit.checkpoint.load import load_model
+from lowbit.cli import main
+from lowbit.models.moe import ExpertList, unfuse_known
+
+pytestmark = pytest.mark.slow
+
+IDS = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _quantize(src: Path, out: Path, text_file: Path, preset: str) -> dict:
+    args = ["quantize", "--model", str(src), "--qformat", preset, "--calib-data", str(text_file),
+            "--calib-size", "8", "--calib-seq-len", "32", "--output", str(out), "-q"]  # fmt: skip
+    assert main(args) == 0
+    return dict(json.loads((out / "lowbit.json").read_text()))
+
+
+def _stats(ckpt: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("quantizers-*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_expert_list_computes_the_fused_experts(tiny_factory, model_type):
+    src = tiny_factory(model_type, 2)
+    fused = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    split = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert unfuse_known(split) == 2
+    assert isinstance(split.model.layers[0].mlp.experts, ExpertList)
+    assert not any(p.dim() == 3 for p in split.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(split(IDS).logits, fused(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_every_expert_calibrated_with_engine_shared_scales(tiny_factory, text_file, tmp_path):
+    src = tiny_factory("mixtral", 2)
+    manifest = _quantize(src, tmp_path / "q", text_file, "fp8")
+    stats = _stats(tmp_path / "q")
+    for layer in range(2):
+        experts = [f"model.layers.{layer}.mlp.experts.{e}" for e in range(4)]
+        for e in experts:
+            for proj in ("w1", "w2", "w3"):
+                assert f"{e}.{proj}" in manifest["modules"]
+                assert torch.isfinite(stats[f"{e}.{proj}.input_quantizer.amax"]).all()
+            # an expert's gate and up are one GEMM in the engines: one weight scale
+            assert torch.equal(stats[f"{e}.w1.weight_quantizer.0.amax"], stats[f"{e}.w3.weight_quantizer.0.amax"])
+        # vLLM's fused MoE runs every expert with one w13 and one w2 input scale
+        for projs in (("w1", "w3"), ("w2",)):
+            values = {float(stats[f"{e}.{p}.input_quantizer.amax"]) for e in experts for p in projs}
+            assert len(values) == 1, values
+        routed = [manifest["errors"][f"{e}.w1"]["routed_tokens"] for e in experts]
+        assert sum(routed) == 8 * 32 * 2  # every calibration token goes to its top-2 experts
+
+
+def test_expert_the_router_never_picks_is_reported_and_calibrated(
+    tiny_factory, text_file, tmp_path, caplog
+):
+    src = tiny_factory("mixtral", 2, num_experts_per_tok=1)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():  # experts 2 and 3 get router logit 0; one of experts 0 and 1 is always above it
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1] = -w[0]
+            w[2:] = 0
+    skewed = tmp_path / "skewed"
+    model.save_pretrained(skewed)
+    for f in src.glob("tokenizer*"):
+        (skewed / f.name).write_bytes(f.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        manifest = _quantize(skewed, tmp_path / "q", text_file, "nvfp4")
+    assert "model.layers.0.mlp.experts: experts 2, 3 routed no calibration tokens" in caplog.text
+    stats = _stats(tmp_path / "q")
+    for e in (2, 3):
+        name = f"model.layers.0.mlp.experts.{e}"
+        assert manifest["errors"][f"{name}.w1"]["routed_tokens"] == 0
+        for key in (f"{name}.w2.input_quantizer.global_amax", f"{name}.w1.weight_quantizer.0.amax"):
+            assert torch.isfinite(stats[key]).all() and float(stats[key].abs().max()) > 0
+    quantized, _ = load_model(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.isfinite(quantized(IDS).logits).all()
+
+
+@pytest.mark.parametrize("algorithm", ["awq_full", "smoothquant"])
+def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, tmp_path, algorithm):
+    """AWQ / SmoothQuant fold scales into the norm before the experts; the router reads that norm too and
+    takes the scales, so the checkpoint's float weights compute the original model (up to BF16 rounding)."""
+    src = tiny_factory("mixtral", 2)
+    preset = "int4_awq" if algorithm == "awq_full" else "int8_sq"
+    out = str(tmp_path / "q")
+    args = ["quantize", "--model", str(src), "--qformat", preset, "--algorithm", algorithm, "--calib-data",
+            str(text_file), "--calib-size", "8", "--calib-seq-len", "32", "--output", out, "-q"]  # fmt: skip
+    assert main(args) == 0
+    smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    norm_s = smoothed.model.layers[0].post_attention_layernorm.weight
+    assert not torch.equal(norm_s, original.model.layers[0].post_attention_layernorm.weight)  # smoothed
+    logits = {}
+    for key, model in (("smoothed", smoothed), ("original", original)):
+        model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out, k=key: logits.update({k: out[0]}))
+        with torch.no_grad():
+            model(IDS)
+    # the router sees the same input: its logits change by BF16 rounding only (7% without the fold)
+    delta = (logits["smoothed"] - logits["original"]).abs().max() / logits["original"].abs().max()
+    assert float(delta) < 0.02
