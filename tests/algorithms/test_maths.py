@@ -33,6 +33,23 @@ def test_smoothquant_leaves_the_float_output_unchanged():
         torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_folding_into_a_gemma_norm_scales_one_plus_weight():
+    """Gemma's RMSNorm multiplies by (1 + w): the fold gives w' = (1 + w) / s - 1, output unchanged."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    torch.manual_seed(0)
+    norm = GemmaRMSNorm(64)
+    norm.weight.data = torch.rand(64) - 0.5
+    linear = nn.Linear(64, 32, bias=False)
+    x = torch.randn(10, 64) * torch.linspace(0.1, 20, 64)
+    before = linear(norm(x))
+    s = torch.rand(64) * 3 + 0.2
+    smoothing.fold(norm, [linear], s, norm_offset=1.0)
+    torch.testing.assert_close(linear(norm(x)), before, rtol=1e-5, atol=1e-5)
+    smoothing.fold(norm, [linear], s)  # folding as into a plain norm would change it
+    assert not torch.allclose(linear(norm(x)), before, rtol=1e-3, atol=1e-3)
+
+
 def test_folding_into_a_previous_linear_with_grouped_heads_is_exact():
     torch.manual_seed(0)
     heads, kv, hd = 4, 2, 8

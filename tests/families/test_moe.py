@@ -118,3 +118,22 @@ def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, t
     # the router sees the same input: its logits change by BF16 rounding only (7% without the fold)
     delta = (logits["smoothed"] - logits["original"]).abs().max() / logits["original"].abs().max()
     assert float(delta) < 0.02
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_awq_smooths_into_its_one_plus_weight_norms(tiny_factory, text_file, tmp_path, model_type):
+    """Gemma families have smoothing groups; the folds into their (1 + w) norms keep the float model."""
+    src = tiny_factory(model_type, 2)
+    manifest = _quantize(src, tmp_path / "q", text_file, "int4_awq")
+    assert manifest["algorithm"] == "awq_full"
+    smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    norm = "post_attention_layernorm" if model_type == "gemma" else "pre_feedforward_layernorm"
+    assert not torch.equal(
+        getattr(smoothed.model.layers[0], norm).weight, getattr(original.model.layers[0], norm).weight
+    )
+    with torch.no_grad():
+        a, b = smoothed(IDS).logits, original(IDS).logits
+    assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
+    errors = manifest["errors"]["model.layers.0.mlp.gate_proj"]
+    assert errors["after"] < errors["before"]

@@ -270,7 +270,8 @@ def _smooth(
         else:
             s = _awq_scale(mods, st, cmap_t, n_prev, params)
         also = [n for n in group.also if n in names]
-        smoothing.fold(prev, [*mods, *(layer.get_submodule(n) for n in also)], s, cmap_t)
+        extra = [layer.get_submodule(n) for n in also]
+        smoothing.fold(prev, [*mods, *extra], s, cmap_t, norm_offset=info.family.norm_offset)
         _round_to_storage(layer, info, [group.prev, *group.linears, *also])
         st.scale_inputs(smoothing.expand(s, cmap_t))
         smoothed.append(group)

@@ -97,15 +97,19 @@ def awq_search(
 
 
 @torch.no_grad()
-def fold(prev: nn.Module, linears: Sequence[nn.Module], s: Tensor, channel_map: Tensor | None = None) -> None:
+def fold(
+    prev: nn.Module, linears: Sequence[nn.Module], s: Tensor, channel_map: Tensor | None = None,
+    norm_offset: float = 0.0,
+) -> None:  # fmt: skip
     """Divide prev's output channels by s (a norm's weight and bias, or a Linear's output rows and bias) and
     multiply the input columns of `linears` (Linears, or routers with a weight) by s (expanded through
-    `channel_map`). In place."""
+    `channel_map`). In place. A norm that scales by `norm_offset + weight` (Gemma: 1 + w) gets
+    w' = (norm_offset + w) / s - norm_offset."""
     weight = prev.weight
     assert isinstance(weight, Tensor)
     sp = s.to(weight.device)
     if weight.dim() == 1:
-        weight.div_(sp.to(weight.dtype))
+        weight.add_(norm_offset).div_(sp.to(weight.dtype)).sub_(norm_offset)
     else:
         weight.div_(sp.to(weight.dtype)[:, None])
     bias = getattr(prev, "bias", None)

@@ -142,6 +142,7 @@ class Family:
     # experts of a MoE block (vLLM's fused MoE takes one input scale for w1/w3 and one for w2 per layer)
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     moe: MoE | None = None
+    norm_offset: float = 0.0  # the norms compute x_hat * (norm_offset + weight)
     # checkpoint name fragment -> module name fragment (transformers renames these on load)
     renames: tuple[tuple[str, str], ...] = ()
     known: bool = True  # False: discovered from the model's structure (no smoothing / fusion facts)
@@ -158,8 +159,13 @@ FAMILIES: tuple[Family, ...] = (
     Family(("qwen2", "qwen3"), "model.layers", "qwen", LLAMA_SMOOTH, trtllm=True),
     Family(("qwen3_moe",), "model.layers", "qwen",
            **moe_facts(MoE("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"))),
-    Family(("gemma",), "model.layers", "gemma", trtllm=True),
-    Family(("gemma2", "gemma3_text"), "model.layers", "gemma"),
+    # Gemma's RMSNorm scales by (1 + weight): smoothing folds into that
+    Family(("gemma",), "model.layers", "gemma", LLAMA_SMOOTH, trtllm=True, norm_offset=1.0),
+    # Gemma 2 / 3: the norm before the MLP is pre_feedforward_layernorm (post_attention_layernorm normalizes
+    # the attention output before the residual add)
+    Family(("gemma2", "gemma3_text"), "model.layers", "gemma",
+           (*LLAMA_SMOOTH[:2], Smooth("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            LLAMA_SMOOTH[3]), norm_offset=1.0),
     Family(("phi3",), "model.layers", "phi3"),
     Family(("starcoder2",), "model.layers", "gpt"),
     # StarCoder / SantaCoder: q/k/v are one Linear already (c_attn); GELU sits between c_fc and c_proj
