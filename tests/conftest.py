@@ -91,6 +91,12 @@ TINY_CONFIGS: dict[str, dict] = {
         hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         num_local_experts=4, num_experts_per_tok=2,
     ),
+    "nemotron_h": dict(  # Mamba-2, attention, MLP and MoE blocks
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=16, n_groups=1, hybrid_override_pattern="M*-E",
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=128, n_group=1, topk_group=1,
+    ),
     "qwen3_moe": dict(
         hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,

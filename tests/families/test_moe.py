@@ -96,11 +96,20 @@ def test_expert_the_router_never_picks_is_reported_and_calibrated(
         assert torch.isfinite(quantized(IDS).logits).all()
 
 
-@pytest.mark.parametrize("algorithm", ["awq_full", "smoothquant"])
-def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, tmp_path, algorithm):
+@pytest.mark.parametrize(
+    ("model_type", "router", "algorithm"),
+    [
+        ("mixtral", "model.layers.0.mlp.gate", "awq_full"),
+        ("mixtral", "model.layers.0.mlp.gate", "smoothquant"),
+        ("nemotron_h", "model.layers.3.mixer.gate", "awq_full"),
+    ],
+)
+def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, tmp_path, model_type, router,
+                                                      algorithm):  # fmt: skip
     """AWQ / SmoothQuant fold scales into the norm before the experts; the router reads that norm too and
-    takes the scales, so the checkpoint's float weights compute the original model (up to BF16 rounding)."""
-    src = tiny_factory("mixtral", 2)
+    takes the scales, so the checkpoint's float weights compute the original model (up to BF16 rounding).
+    Nemotron-H also folds into Mamba-2's gated norm (before out_proj) and the shared expert."""
+    src = tiny_factory(model_type, 4 if model_type == "nemotron_h" else 2)
     preset = "int4_awq" if algorithm == "awq_full" else "int8_sq"
     out = str(tmp_path / "q")
     args = ["quantize", "--model", str(src), "--qformat", preset, "--algorithm", algorithm, "--calib-data",
@@ -108,16 +117,20 @@ def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, t
     assert main(args) == 0
     smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    norm_s = smoothed.model.layers[0].post_attention_layernorm.weight
-    assert not torch.equal(norm_s, original.model.layers[0].post_attention_layernorm.weight)  # smoothed
+    norm = router.rsplit(".", 2)[0] + (".post_attention_layernorm" if model_type == "mixtral" else ".norm")
+    assert not torch.equal(
+        smoothed.get_submodule(norm).weight, original.get_submodule(norm).weight
+    )  # smoothed
     logits = {}
     for key, model in (("smoothed", smoothed), ("original", original)):
-        model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out, k=key: logits.update({k: out[0]}))
+        model.get_submodule(router).register_forward_hook(lambda m, a, out, k=key: logits.update({k: out[0]}))
         with torch.no_grad():
-            model(IDS)
+            logits[key + " output"] = model(IDS).logits
     # the router sees the same input: its logits change by BF16 rounding only (7% without the fold)
     delta = (logits["smoothed"] - logits["original"]).abs().max() / logits["original"].abs().max()
     assert float(delta) < 0.02
+    a, b = logits["smoothed output"], logits["original output"]
+    assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
 
 
 @pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])

@@ -20,7 +20,8 @@ from lowbit.cli import main
 pytestmark = pytest.mark.slow
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
-            "falcon", "gpt_bigcode", "mixtral", "qwen3_moe"]  # fmt: skip
+            "falcon", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h"]  # fmt: skip
+LAYERS = {"nemotron_h": 4}  # one block of each kind (Mamba-2, attention, MLP, MoE); else 2
 PRESETS = ["fp8", "int4_awq", "nvfp4"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
 # (family, format) -> what the one-line error says; every preset
@@ -33,6 +34,7 @@ EXPECTED_REFUSALS = {
     ("phi3", "trtllm"): "use --format hf",
     ("mixtral", "trtllm"): "use --format hf",
     ("qwen3_moe", "trtllm"): "use --format hf",
+    ("nemotron_h", "trtllm"): "use --format hf",
 }
 
 
@@ -46,7 +48,7 @@ def _record(row: dict) -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_quantize_generate_export_read_back(tiny_factory, text_file, tmp_path, capsys, family, preset):
-    src = tiny_factory(family, 2)
+    src = tiny_factory(family, LAYERS.get(family, 2))
     ckpt = tmp_path / "q"
     args = ["quantize", "--model", str(src), "--qformat", preset, "--calib-data", str(text_file),
             "--calib-size", "4", "--calib-seq-len", "32", "--output", str(ckpt), "-q"]  # fmt: skip

@@ -63,10 +63,18 @@ class _Catcher(nn.Module):
     position after hidden_states (GPT-2 and GPT-BigCode pass the cache, mask and encoder states so) are
     recorded under their names in the real layer's forward signature."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, passthrough: bool = False) -> None:
         super().__init__()
         self.inputs: list[tuple[Tensor, dict[str, Any]]] = []
         self.signature = inspect.signature(layer.forward)
+        self.passthrough = passthrough  # record and return the input (a stand-in for a layer before the last)
+        self.__dict__["_layer"] = layer  # not a submodule: the model reads its attributes (block_type)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args:
@@ -82,6 +90,8 @@ class _Catcher(nn.Module):
                 raise LowbitError("decoder layers with *args after hidden_states are not supported")
             kwargs = {**named, **kwargs}
         self.inputs.append((hidden_states, kwargs))
+        if self.passthrough:
+            return hidden_states
         raise _Captured
 
 
@@ -136,6 +146,7 @@ class _Job:
     progress: bool
     uses_data: bool  # False: every layer calibrates from its weights alone (no forward passes at all)
     family: Family
+    layer_kwargs: list[list[dict[str, Any]]] | None = None  # per layer, per batch (Family.per_layer_kwargs)
 
 
 def quantize_checkpoint(
@@ -226,6 +237,8 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         last = i + 1 == len(job.layers)
         outputs: list[Tensor] | None = None
         orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+        if job.layer_kwargs is not None and states:  # this layer's own masks / arguments
+            states[:] = [(h, kw) for (h, _), kw in zip(states, job.layer_kwargs[i], strict=True)]
         if i < done:
             bar.set_postfix_str(f"replaying {prefix}")
             specs = _replay_layer(job, layer, i)
@@ -293,7 +306,9 @@ def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tup
     bs = batch_size or auto_batch_size(
         len(calib), calib.shape[1], config.hidden_size, intermediate, job.device
     )
-    states = _capture_inputs(job.meta, job.layers, calib, bs, job.device)
+    states, job.layer_kwargs = _capture_inputs(
+        job.meta, job.layers, calib, bs, job.device, job.family.per_layer_kwargs
+    )
     cast.remove()
     log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], path)
     release(job.meta, skip=[path])  # nothing outside the layers is needed past layer 0's inputs
@@ -318,11 +333,15 @@ def _output_head_name(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def _capture_inputs(
-    meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device
-) -> list[tuple[Tensor, dict[str, Any]]]:
-    first = layers[0]
-    catcher = _Catcher(first)
-    layers[0] = catcher
+    meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device, per_layer: bool
+) -> tuple[list[tuple[Tensor, dict[str, Any]]], list[list[dict[str, Any]]] | None]:
+    """Layer 0's inputs per batch; with `per_layer` (hybrid models whose layers get different masks) also
+    every layer's keyword arguments, recorded by stand-ins that pass the hidden states through."""
+    originals = list(layers)
+    count = len(layers) if per_layer else 1
+    catchers = [_Catcher(originals[i], passthrough=i + 1 < count) for i in range(count)]
+    for i, c in enumerate(catchers):
+        layers[i] = c
     try:
         for batch in calib.split(bs):
             try:
@@ -334,8 +353,26 @@ def _capture_inputs(
                     "the model never called its first decoder layer; its structure is not supported"
                 )
     finally:
-        layers[0] = first
-    return catcher.inputs
+        for i, layer in enumerate(originals[:count]):
+            layers[i] = layer
+    if not per_layer:
+        return catchers[0].inputs, None
+    kwargs = [[kw for _, kw in c.inputs] for c in catchers]
+    for i in range(1, len(kwargs)):  # layers given the same arguments as the one before share them
+        if all(_same_kwargs(a, b) for a, b in zip(kwargs[i], kwargs[i - 1], strict=True)):
+            kwargs[i] = kwargs[i - 1]
+    return catchers[0].inputs, kwargs
+
+
+def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            return isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, tuple | list) and isinstance(y, tuple | list):
+            return len(x) == len(y) and all(same(p, q) for p, q in zip(x, y, strict=True))
+        return x is y or (type(x) is type(y) and isinstance(x, int | float | bool | str) and x == y)
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 def _loop_over(

@@ -76,6 +76,16 @@ def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
 RECENT_INPUTS = 4  # inputs remembered for sharing: a MoE block reads its input again after each expert
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same tensor, or a contiguous view of the same memory with the same rows (x.view(-1, hidden))."""
+    if a is b:
+        return True
+    return (
+        a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
+        and a.shape[-1] == b.shape[-1] and a.is_contiguous() and b.is_contiguous()
+    )  # fmt: skip
+
+
 @contextmanager
 def collect_inputs(
     linears: Mapping[str, nn.Module], hessian_rows: int | None
@@ -88,7 +98,7 @@ def collect_inputs(
 
     def hook(name: str, args: tuple[Tensor, ...]) -> None:
         x = args[0]
-        seen = next((i for i, (t, _) in enumerate(recent) if t is x), None)
+        seen = next((i for i, (t, _) in enumerate(recent) if _same(t, x)), None)
         if seen is not None:
             shared = recent.pop(seen)
             recent.append(shared)

@@ -102,7 +102,7 @@ class MoE:
     projections (models/moe.py turns the fused 3-D experts of transformers into one Linear each)."""
 
     experts: str  # the fused experts module inside a decoder layer
-    gate: str
+    gate: str | None  # None: experts without a gate (Nemotron-H: down(act(up(x))))
     up: str
     down: str
     router: str  # kept in high precision (the default skips)
@@ -110,22 +110,47 @@ class MoE:
     def linears(self, which: str) -> str:
         return f"{self.experts}.*.{getattr(self, which)}"
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The expert Linears that read the block's input."""
+        return (self.linears("gate"), self.linears("up")) if self.gate is not None else (self.linears("up"),)
+
 
 def moe_facts(moe: MoE) -> dict[str, Any]:
     """Smoothing groups, fused GEMMs and shared input scales of a Llama-style layer whose MLP is `moe`."""
-    gate, up, down = moe.linears("gate"), moe.linears("up"), moe.linears("down")
+    up, down = moe.linears("up"), moe.linears("down")
     return dict(
         smooth=(
             *LLAMA_SMOOTH[:2],
             # the router reads the normed input too: its weight takes the scales, so routing is unchanged
-            Smooth("post_attention_layernorm", (gate, up), also=(moe.router,)),
+            Smooth("post_attention_layernorm", moe.inputs, also=(moe.router,)),
             Smooth(up, (down,)),
             *LLAMA_SMOOTH[2:],  # dense MLP layers of a MoE model (Qwen3-MoE's mlp_only_layers)
         ),
-        fused=(*LLAMA_FUSED, (gate, up)),
-        shared_inputs=((gate, up), (down,)),
+        fused=(*LLAMA_FUSED, moe.inputs),
+        shared_inputs=(moe.inputs, (down,)),
         moe=moe,
     )
+
+
+NEMOTRON_H_MOE = MoE("mixer.experts", None, "up_proj", "down_proj", "mixer.gate")
+NEMOTRON_H_QKV = ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")
+# Nemotron-H: every block is norm -> one mixer (Mamba-2, attention, MLP or MoE) -> residual add
+NEMOTRON_H: dict[str, Any] = dict(
+    smooth=(
+        Smooth("norm", NEMOTRON_H_QKV),
+        Smooth("mixer.v_proj", ("mixer.o_proj",), heads=True),
+        Smooth("norm", ("mixer.in_proj",)),  # Mamba-2
+        Smooth("mixer.norm", ("mixer.out_proj",)),  # Mamba-2's gated RMSNorm feeds out_proj
+        Smooth("norm", ("mixer.up_proj",)),  # MLP: relu^2 lies between up and down, so no up -> down fold
+        Smooth("norm", (NEMOTRON_H_MOE.linears("up"), "mixer.shared_experts.up_proj"), also=("mixer.gate",)),
+    ),
+    fused=(NEMOTRON_H_QKV,),
+    shared_inputs=((NEMOTRON_H_MOE.linears("up"),), (NEMOTRON_H_MOE.linears("down"),)),
+    moe=NEMOTRON_H_MOE,
+    renames=(("backbone.", "model."),),
+    per_layer_kwargs=True,
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +168,9 @@ class Family:
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     moe: MoE | None = None
     norm_offset: float = 0.0  # the norms compute x_hat * (norm_offset + weight)
+    # layers of different kinds get different arguments from the model (sliding-window vs full attention
+    # masks, Mamba vs attention masks): calibration records each layer's own
+    per_layer_kwargs: bool = False
     # checkpoint name fragment -> module name fragment (transformers renames these on load)
     renames: tuple[tuple[str, str], ...] = ()
     known: bool = True  # False: discovered from the model's structure (no smoothing / fusion facts)
@@ -165,8 +193,9 @@ FAMILIES: tuple[Family, ...] = (
     # the attention output before the residual add)
     Family(("gemma2", "gemma3_text"), "model.layers", "gemma",
            (*LLAMA_SMOOTH[:2], Smooth("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-            LLAMA_SMOOTH[3]), norm_offset=1.0),
+            LLAMA_SMOOTH[3]), norm_offset=1.0, per_layer_kwargs=True),
     Family(("phi3",), "model.layers", "phi3"),
+    Family(("nemotron_h",), "model.layers", "nemotron_h", **NEMOTRON_H),
     Family(("starcoder2",), "model.layers", "gpt"),
     # StarCoder / SantaCoder: q/k/v are one Linear already (c_attn); GELU sits between c_fc and c_proj
     Family(("gpt_bigcode",), "transformer.h", "gpt",
@@ -176,17 +205,24 @@ FAMILIES: tuple[Family, ...] = (
 SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
 
 
+def _rename(name: str, old: str, new: str) -> str:
+    """Replace a fragment: one that starts with '.' anywhere, any other as a prefix only."""
+    if old.startswith("."):
+        return name.replace(old, new)
+    return new + name[len(old) :] if name.startswith(old) else name
+
+
 def to_module_name(name: str, fam: Family) -> str:
     """A checkpoint tensor name as the model's modules name it."""
     for stored, module in fam.renames:
-        name = name.replace(stored, module)
+        name = _rename(name, stored, module)
     return name
 
 
 def to_checkpoint_name(name: str, fam: Family) -> str:
     """A module's tensor name as the original checkpoint (and the engines reading exports) name it."""
     for stored, module in fam.renames:
-        name = name.replace(module, stored)
+        name = _rename(name, module, stored)
     return name
 
 

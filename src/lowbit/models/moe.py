@@ -26,18 +26,23 @@ from lowbit.models.families import Family, MoE, family
 
 
 class Expert(nn.Module):
-    """One gated-MLP expert: down(act(gate(x)) * up(x)), its Linears named as the checkpoint names them."""
+    """One expert: down(act(gate(x)) * up(x)), or down(act(up(x))) without a gate (Nemotron-H), its Linears
+    named as the checkpoint names them."""
 
     def __init__(self, moe: MoE, hidden: int, inter: int, act: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
-        self.names = (moe.gate, moe.up, moe.down)
+        self.gate, self.up, self.down = moe.gate, moe.up, moe.down
         self.act = act
-        for name, (n_out, n_in) in zip(self.names, ((inter, hidden), (inter, hidden), (hidden, inter)), strict=True):
+        shapes = {moe.up: (inter, hidden), moe.down: (hidden, inter)}
+        if moe.gate is not None:
+            shapes = {moe.gate: (inter, hidden), **shapes}
+        for name, (n_out, n_in) in shapes.items():
             self.add_module(name, nn.Linear(n_in, n_out, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up, down = (getattr(self, n) for n in self.names)
-        return down(self.act(gate(x)) * up(x))
+        h = getattr(self, self.up)(x)
+        h = self.act(getattr(self, self.gate)(x)) * h if self.gate is not None else self.act(h)
+        return getattr(self, self.down)(h)
 
 
 class ExpertList(nn.ModuleList):
@@ -50,7 +55,7 @@ class ExpertList(nn.ModuleList):
         self.routed = [0] * len(experts)  # tokens routed to each expert during calibration
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        out = torch.zeros_like(hidden_states)
+        out = torch.zeros_like(hidden_states, dtype=torch.promote_types(hidden_states.dtype, top_k_weights.dtype))
         for e, expert in enumerate(self):
             token_idx, pos = torch.where(top_k_index == e)
             if self.calibrating:
@@ -86,12 +91,12 @@ def unfuse_experts(model: nn.Module, family: Family) -> int:
         return 0
     count = 0
     for name, module in list(model.named_modules()):
-        if not name.endswith(moe.experts) or not _is_fused(module):
+        if not name.endswith(moe.experts) or not _is_fused(module, moe):
             continue
-        gate_up: Tensor = module.gate_up_proj
+        gate_up: Tensor = module.gate_up_proj if moe.gate is not None else module.up_proj
         down: Tensor = module.down_proj
-        n, two_i, hidden = gate_up.shape
-        inter = two_i // 2
+        n, rows, hidden = gate_up.shape
+        inter = rows // 2 if moe.gate is not None else rows
         act = module.act_fn
         with torch.device(gate_up.device):
             experts = ExpertList([Expert(moe, hidden, inter, act) for _ in range(n)])
@@ -99,8 +104,9 @@ def unfuse_experts(model: nn.Module, family: Family) -> int:
         if gate_up.device.type != "meta":
             with torch.no_grad():
                 for e, expert in enumerate(experts):
-                    getattr(expert, moe.gate).weight.copy_(gate_up[e, :inter])
-                    getattr(expert, moe.up).weight.copy_(gate_up[e, inter:])
+                    if moe.gate is not None:  # gate rows first, then up
+                        getattr(expert, moe.gate).weight.copy_(gate_up[e, :inter])
+                    getattr(expert, moe.up).weight.copy_(gate_up[e, -inter:])
                     getattr(expert, moe.down).weight.copy_(down[e])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, experts)
@@ -117,8 +123,9 @@ def unfuse_known(model: nn.Module) -> int:
     return unfuse_experts(model, fam)
 
 
-def _is_fused(module: nn.Module) -> bool:
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+def _is_fused(module: nn.Module, moe: MoE) -> bool:
+    first = "gate_up_proj" if moe.gate is not None else "up_proj"
+    gate_up, down = getattr(module, first, None), getattr(module, "down_proj", None)
     return (
         isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3 and down.dim() == 3
         and hasattr(module, "act_fn") and not getattr(module, "has_bias", False)
