@@ -74,6 +74,7 @@ TINY_CONFIGS: dict[str, dict] = {
         hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32
     ),
     "gpt_bigcode": dict(hidden_size=128, n_inner=256, num_attention_heads=4),
+    "gpt2": dict(n_embd=128, n_inner=256, n_head=4, n_positions=512),
     "qwen2": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
     "gemma": dict(
         hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32

@@ -33,10 +33,11 @@ def _tensors(path):
     return out
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "mixtral"])  # plain, Conv1D, MoE experts
 def test_crash_leaves_no_complete_looking_output_and_resume_finishes_identically(
-    tiny_factory, calib_ids, tmp_path, monkeypatch
+    tiny_factory, calib_ids, tmp_path, monkeypatch, model_type
 ):
-    model = tiny_factory("llama", 3)
+    model = tiny_factory(model_type, 3)
     recipe = preset("fp8").with_kv_cache("fp8")
     clean = quantize_checkpoint(model, recipe, tmp_path / "clean", calib_ids, progress=False).output
 
@@ -68,14 +69,22 @@ def test_existing_output_needs_overwrite(tiny_llama, calib_ids, tmp_path):
     assert not (out / "mine.txt").exists() and (out / "lowbit.json").exists()
 
 
-def test_contents_are_safetensors_and_json_and_load_as_a_plain_hf_model(tiny_llama, calib_ids, tmp_path):
-    out = quantize_checkpoint(tiny_llama, preset("nvfp4"), tmp_path / "ck", calib_ids, progress=False).output
+@pytest.mark.parametrize(
+    ("model_type", "module"),
+    [("llama", "model.layers.0.self_attn.q_proj"), ("gpt2", "transformer.h.0.attn.c_attn"),
+     ("mixtral", "model.layers.0.mlp.experts.1.w3")],
+)  # fmt: skip
+def test_contents_are_safetensors_and_json_and_load_as_a_plain_hf_model(
+    tiny_factory, calib_ids, tmp_path, model_type, module
+):
+    src = tiny_factory(model_type, 2)
+    out = quantize_checkpoint(src, preset("nvfp4"), tmp_path / "ck", calib_ids, progress=False).output
     suffixes = {p.suffix for p in out.iterdir()}
     assert suffixes <= {".safetensors", ".json", ".jinja"}
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    source = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     for (k, a), (_, b) in zip(plain.state_dict().items(), source.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k  # weights in original precision (max calibration changes none)
+        assert torch.equal(a, b), k  # weights in original precision and layout (max calibration changes none)
     stats = load_file(str(out / "quantizers-layer-00000.safetensors"))
-    assert "model.layers.0.self_attn.q_proj.input_quantizer.global_amax" in stats
-    assert "model.layers.0.self_attn.q_proj.weight_quantizer.0.amax" in stats
+    assert f"{module}.input_quantizer.global_amax" in stats
+    assert f"{module}.weight_quantizer.0.amax" in stats

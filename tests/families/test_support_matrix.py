@@ -20,7 +20,7 @@ from lowbit.cli import main
 pytestmark = pytest.mark.slow
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
-            "falcon", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h"]  # fmt: skip
+            "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h"]  # fmt: skip
 LAYERS = {"nemotron_h": 4}  # one block of each kind (Mamba-2, attention, MLP, MoE); else 2
 PRESETS = ["fp8", "int4_awq", "nvfp4"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
@@ -31,6 +31,7 @@ EXPECTED_REFUSALS = {
     ("starcoder2", "trtllm"): "use --format hf",
     ("falcon", "trtllm"): "use --format hf",
     ("gpt_bigcode", "trtllm"): "use --format hf",
+    ("gpt2", "trtllm"): "use --format hf",
     ("phi3", "trtllm"): "use --format hf",
     ("mixtral", "trtllm"): "use --format hf",
     ("qwen3_moe", "trtllm"): "use --format hf",

@@ -30,6 +30,7 @@ from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
+from lowbit.models.conv1d import linearize, transposed
 from lowbit.models.families import Family, resolve_family, to_module_name
 from lowbit.models.loading import (
     SafetensorsReader,
@@ -147,6 +148,7 @@ class _Job:
     uses_data: bool  # False: every layer calibrates from its weights alone (no forward passes at all)
     family: Family
     layer_kwargs: list[list[dict[str, Any]]] | None = None  # per layer, per batch (Family.per_layer_kwargs)
+    conv1d: set[str] = field(default_factory=set)  # Conv1D modules made Linears (stored transposed back)
 
 
 def quantize_checkpoint(
@@ -182,7 +184,10 @@ def quantize_checkpoint(
     fam = resolve_family(config, meta)
     check_layout(config, known=fam.moe is not None or bool(fam.renames))
     unfuse_experts(meta, fam)  # one Linear per expert projection, named as the checkpoint names them
-    reader = SafetensorsReader(model_dir, rename=lambda n: to_module_name(n, fam))
+    conv1d = linearize(meta)  # GPT-2's Conv1D: Linears while lowbit works, stored as the checkpoint has them
+    reader = SafetensorsReader(
+        model_dir, rename=lambda n: to_module_name(n, fam), transpose={f"{m}.weight" for m in conv1d}
+    )
     layers_path = fam.layers
     layers = meta.get_submodule(layers_path)
     if not isinstance(layers, nn.ModuleList):
@@ -191,11 +196,9 @@ def quantize_checkpoint(
         )
     specs = plan(meta, recipe)  # checks every shape
     if not specs and recipe.rules:
-        conv1d = any(type(m).__name__ == "Conv1D" for m in layers.modules())
         raise LowbitError(
-            f"recipe {recipe.name!r} matches no Linear layer of {config.model_type}"
-            + (" (its layers are GPT-2-style Conv1D, which lowbit does not quantize yet)" if conv1d else "")
-            + "; check the recipe's patterns and --exclude"
+            f"recipe {recipe.name!r} matches no Linear layer of {config.model_type}; check the recipe's patterns "
+            "and --exclude"
         )
     outside = [n for n in specs if not n.startswith(layers_path + ".")]
     if outside:
@@ -208,7 +211,7 @@ def quantize_checkpoint(
     )
     uses_data = needs_data(algorithm) or _static_activations(specs.values(), recipe)
     job = _Job(model_dir, config, reader, recipe, algorithm, meta, layers, layers_path, writer,
-               torch.device(device), compute_dtype, progress, uses_data, fam)  # fmt: skip
+               torch.device(device), compute_dtype, progress, uses_data, fam, conv1d=conv1d)  # fmt: skip
     try:
         modules = _run(job, calib, batch_size)
     except LowbitError:
@@ -258,7 +261,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
                 f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in state.items() if "_quantizer." not in k
             }
             stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
-            job.writer.write_layer(i, weights, stats, extra={"errors": errors})
+            job.writer.write_layer(i, transposed(weights, job.conv1d), stats, extra={"errors": errors})
             del state, weights, stats
         if job.uses_data and not sequential and not last:  # the next layer reads this one's float outputs
             if outputs:
@@ -412,6 +415,7 @@ def _replay_layer(job: _Job, layer: nn.Module, i: int) -> dict[str, Any]:
     """A finished layer from OUTPUT.partial, quantized as it was written (for --resume)."""
     prefix = f"{job.layers_path}.{i}"
     weights, stats = job.writer.read_layer(i)
+    weights = transposed(weights, job.conv1d)
     layer.to_empty(device=job.device)
     layer.load_state_dict({k[len(prefix) + 1 :]: v for k, v in weights.items()}, strict=True)
     layer.to(job.compute_dtype)

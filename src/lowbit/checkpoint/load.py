@@ -58,9 +58,11 @@ def load_model(
 def apply_quantization(model: nn.Module, ckpt: Path, manifest: dict[str, Any]) -> None:
     """Wrap the modules named in the manifest and load their quantizer statistics (MoE experts first become
     one Linear per projection, as they were quantized)."""
+    from lowbit.models.conv1d import conv1d_names, linearize
     from lowbit.models.moe import unfuse_known
 
     unfuse_known(model)
+    linearize(model, conv1d_names(model) & set(manifest["modules"]))  # GPT-2's quantized Conv1D layers
     for name, spec_data in manifest["modules"].items():
         spec = spec_from_dict(spec_data)
         linear = model.get_submodule(name)

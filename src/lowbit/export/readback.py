@@ -242,6 +242,7 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.checkpoint.load import load_quantizer_stats
+    from lowbit.models.conv1d import conv1d_names, linearize
     from lowbit.models.families import Family, family, to_checkpoint_name, to_module_name
     from lowbit.models.loading import SafetensorsReader
     from lowbit.models.moe import unfuse_known
@@ -273,6 +274,7 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     modules: dict[str, dict[str, Tensor]] = {}
     plain: dict[str, Tensor] = {}
     quantized = {n.rpartition(".")[0] for n in tensors if n.endswith((".weight_scale", ".weight_packed"))}
+    linearize(model, conv1d_names(model) & quantized)  # quantized GPT-2 Conv1D layers are exported as Linears
     for name, t in tensors.items():
         module, _, suffix = name.rpartition(".")
         if suffix in ("k_scale", "v_scale"):

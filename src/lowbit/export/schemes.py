@@ -72,6 +72,7 @@ def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:
     ModelOpt lists them in exclude_modules."""
     from torch import nn
 
+    from lowbit.models.conv1d import is_conv1d
     from lowbit.models.loading import build_meta_model, load_config
     from lowbit.models.moe import unfuse_known
 
@@ -83,7 +84,8 @@ def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:
     return sorted(
         source.checkpoint_name(n)
         for n, m in model.named_modules()
-        if (isinstance(m, kinds) or (router is not None and n.endswith(router))) and n not in source.modules
+        if (isinstance(m, kinds) or is_conv1d(m) or (router is not None and n.endswith(router)))
+        and n not in source.modules
     )
 
 

@@ -21,8 +21,16 @@ from torch import Tensor
 from lowbit.checkpoint.load import is_lowbit_checkpoint, read_manifest
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import QTensor, ScaledFormat, dequantize, quantize
+from lowbit.models.conv1d import conv1d_names
 from lowbit.models.families import Family, family, to_checkpoint_name
-from lowbit.models.loading import SafetensorsReader, load_config_json, model_files_for_copy, resolve_model
+from lowbit.models.loading import (
+    SafetensorsReader,
+    build_meta_model,
+    load_config,
+    load_config_json,
+    model_files_for_copy,
+    resolve_model,
+)
 from lowbit.quant.linear import QuantSpec
 from lowbit.quant.recipe import format_from_data, spec_from_dict
 
@@ -123,6 +131,8 @@ class Source:
             sorted(p.name for p in self.dir.glob("quantizers-*.safetensors")) if self.manifest else []
         )
         self.stats = SafetensorsReader(self.dir, stat_files)
+        # quantized GPT-2 Conv1D layers: stored (in, out) as the checkpoint has them, exported as Linears
+        self.conv1d = conv1d_names(build_meta_model(load_config(self.dir))) & set(self.modules)
 
     @property
     def family(self) -> Family | None:
@@ -173,8 +183,11 @@ class Source:
         for module, spec in self.modules.items():
             if f"{module}.weight" in tensors:
                 chain = [stats.get(f"{module}.weight_quantizer.{i}", {}) for i in range(len(spec.weight))]
+                weight = tensors.pop(f"{module}.weight")
+                if module in self.conv1d:
+                    weight = weight.t().contiguous()
                 linears[module] = QLinear(
-                    module, spec, tensors.pop(f"{module}.weight"), tensors.pop(f"{module}.bias", None), chain,
+                    module, spec, weight, tensors.pop(f"{module}.bias", None), chain,
                     stats.get(f"{module}.input_quantizer", {}),
                 )  # fmt: skip
         kv: dict[str, KVScales] = {}

@@ -198,6 +198,9 @@ FAMILIES: tuple[Family, ...] = (
     Family(("nemotron_h",), "model.layers", "nemotron_h", **NEMOTRON_H),
     Family(("starcoder2",), "model.layers", "gpt"),
     # StarCoder / SantaCoder: q/k/v are one Linear already (c_attn); GELU sits between c_fc and c_proj
+    # GPT-2: Conv1D layers (models/conv1d.py); the same fused c_attn and GELU MLP as StarCoder
+    Family(("gpt2",), "transformer.h", "gpt",
+           (Smooth("ln_1", ("attn.c_attn",)), Smooth("ln_2", ("mlp.c_fc",))), fused=()),
     Family(("gpt_bigcode",), "transformer.h", "gpt",
            (Smooth("ln_1", ("attn.c_attn",)), Smooth("ln_2", ("mlp.c_fc",))), fused=()),
 )

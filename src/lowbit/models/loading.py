@@ -65,12 +65,15 @@ class SafetensorsReader:
     """Tensor name -> file map over a checkpoint's safetensors files (single file or sharded index).
 
     `rename` maps a stored name to the name the reader shows (the model's module names, where transformers
-    renames checkpoint tensors on load)."""
+    renames checkpoint tensors on load); the tensors named in `transpose` (shown names: GPT-2 Conv1D weights,
+    read as Linear weights) are transposed."""
 
     def __init__(
-        self, model_dir: Path, files: list[str] | None = None, rename: Callable[[str], str] | None = None
-    ) -> None:
+        self, model_dir: Path, files: list[str] | None = None, rename: Callable[[str], str] | None = None,
+        transpose: Iterable[str] = (),
+    ) -> None:  # fmt: skip
         self.dir = model_dir
+        self.transpose = set(transpose)
         index = model_dir / "model.safetensors.index.json"
         if files is not None:
             pass
@@ -121,7 +124,9 @@ class SafetensorsReader:
             try:
                 with safe_open(path, "pt") as f:
                     for k in keys:
-                        out[k] = f.get_tensor(self.stored.get(k, k)).clone()  # own it: the map closes
+                        t = f.get_tensor(self.stored.get(k, k))
+                        # own the memory: the map closes with the file
+                        out[k] = t.t().contiguous() if k in self.transpose else t.clone()
             except Exception as e:
                 raise LowbitError(
                     f"{path}: truncated or corrupt safetensors file ({e}); re-download the checkpoint"
@@ -149,8 +154,8 @@ def build_meta_model(config: PretrainedConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config))
+        try:  # eval: no dropout (GPT-2 and Falcon configs have it) in calibration forwards
+            return AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config)).eval()
         except ValueError as e:
             raise LowbitError(
                 f"cannot build a causal LM for model type {config.model_type!r}: {str(e).splitlines()[0]}"
