@@ -408,7 +408,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     for name, fmt, amax in kv:
         print(f"{name}: {fmt}, amax {amax:.4g}")
+    routed = _routed_tokens(errors)
+    if routed:
+        print("calibration tokens the router sent to each expert (every expert is calibrated on every token):")
+        for block, counts in routed.items():
+            idle = [str(e) for e, c in enumerate(counts) if c == 0]
+            note = f"  <- expert {', '.join(idle)} got none" if idle else ""
+            print(f"{block}: {' '.join(str(c) for c in counts)}{note}")
     return 0
+
+
+def _routed_tokens(errors: dict[str, Any]) -> dict[str, list[int]]:
+    """{experts module: [tokens routed to each expert]} from the error report of a MoE checkpoint."""
+    out: dict[str, dict[int, int]] = {}
+    for name, e in errors.items():
+        if "routed_tokens" not in e:
+            continue
+        block, index, _ = name.rsplit(".", 2)
+        out.setdefault(block, {})[int(index)] = int(e["routed_tokens"])
+    return {b: [c[i] for i in sorted(c)] for b, c in out.items()}
 
 
 def _error_columns(e: dict[str, Any]) -> tuple[str, str]:

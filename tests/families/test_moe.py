@@ -69,7 +69,7 @@ def test_every_expert_calibrated_with_engine_shared_scales(tiny_factory, text_fi
 
 
 def test_expert_the_router_never_picks_is_reported_and_calibrated(
-    tiny_factory, text_file, tmp_path, caplog
+    tiny_factory, text_file, tmp_path, caplog, capsys
 ):
     src = tiny_factory("mixtral", 2, num_experts_per_tok=1)
     model = AutoModelForCausalLM.from_pretrained(src)
@@ -94,6 +94,10 @@ def test_expert_the_router_never_picks_is_reported_and_calibrated(
     quantized, _ = load_model(tmp_path / "q")
     with torch.no_grad():
         assert torch.isfinite(quantized(IDS).logits).all()
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+    routed = capsys.readouterr().out.split("router sent to each expert")[1]
+    assert "<- expert 2, 3 got none" in routed.split("model.layers.0.mlp.experts: ")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize(
