@@ -98,6 +98,26 @@ TINY_CONFIGS: dict[str, dict] = {
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
         moe_shared_expert_intermediate_size=128, n_group=1, topk_group=1,
     ),
+    "qwen3_vl": dict(  # vision-language: the text model below, a 2-block vision tower with a deepstack merger
+        text_config=dict(
+            hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            rope_scaling={"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=16,
+            deepstack_visual_indexes=[0], spatial_merge_size=2, temporal_patch_size=2,
+        ),
+    ),
+    "qwen2_5_vl": dict(
+        text_config=dict(
+            hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+            rope_scaling={"rope_type": "default", "mrope_section": [8, 4, 4]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+            fullatt_block_indexes=[1], window_size=56, spatial_merge_size=2, temporal_patch_size=2,
+        ),
+    ),
     "qwen3_moe": dict(
         hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
@@ -117,7 +137,9 @@ def make_tiny_model(
     """A random tiny causal LM saved as a Hugging Face directory with the test tokenizer."""
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from lowbit.models.loading import auto_model_class
 
     torch.manual_seed(seed)
     kwargs = {
@@ -131,8 +153,15 @@ def make_tiny_model(
         "pad_token_id": 0,
         **overrides,
     }
+    vlm = "text_config" in kwargs
+    if vlm:  # a vision-language model: the sizes are the language model's; 4 more tokens for images
+        text = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("text_config", "vision_config")}
+        text["vocab_size"] = int(text["vocab_size"]) + len(VISION_TOKENS)  # type: ignore[call-overload]
+        kwargs["text_config"] = {**kwargs["text_config"], **text}
+        kwargs.update({k: text[k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")})
+        kwargs.update({key: VOCAB + i for i, key in enumerate(VISION_TOKENS.values())})
     config = AutoConfig.for_model(model_type, **kwargs)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_model_class(config).from_config(config)
     with torch.no_grad():  # weights with some outliers, as trained models have
         for p in model.parameters():
             if p.dim() == 2:
@@ -140,7 +169,39 @@ def make_tiny_model(
     model.to(dtype).save_pretrained(out)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
+    if vlm:
+        _vision_assets(out, config)
     return out
+
+
+VISION_TOKENS = {  # token -> the config key of its id (ids VOCAB, VOCAB + 1, ...)
+    "<|vision_start|>": "vision_start_token_id",
+    "<|vision_end|>": "vision_end_token_id",
+    "<|image_pad|>": "image_token_id",
+    "<|video_pad|>": "video_token_id",
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _vision_assets(out: Path, config: object) -> None:
+    """The image processor and the tokenizer's image tokens and chat template, as a VLM checkpoint has them."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id  # type: ignore[attr-defined]
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    vision = config.vision_config  # type: ignore[attr-defined]
+    Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size, min_pixels=32 * 32, max_pixels=128 * 128,
+    ).save_pretrained(out)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

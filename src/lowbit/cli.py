@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", "--model", dest="checkpoint", default=None, help="checkpoint or model directory"
     )
     g.add_argument("--prompts", nargs="+", default=["def fibonacci(n):"])
+    g.add_argument("--image", default=None, help="an image for every prompt (vision-language models)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     _common(g)
@@ -311,12 +312,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     path = resolve_model(args.checkpoint) if args.checkpoint else DEFAULT_MODEL
     device = env_device(args.device)
+    image = None
+    if args.image is not None:  # checked before the model is loaded
+        from lowbit.models.loading import load_config
+        from lowbit.models.vision import is_vision_language, load_image
+
+        config = load_config(path)
+        if not is_vision_language(config):
+            raise LowbitError(
+                f"--image needs a vision-language model; {config.model_type!r} has no vision tower (drop --image)"
+            )
+        image = load_image(args.image)
     model, manifest = load_model(path, device)
     tok = _tokenizer(path)
     what = f"{manifest['recipe']['name']} checkpoint" if manifest else "unquantized model"
     print(f"# {path} ({what})")
     for prompt in args.prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        if image is not None:
+            from lowbit.models.vision import image_prompt
+
+            inputs = image_prompt(path, model.config, tok, prompt, image)
+        else:
+            inputs = {"input_ids": tok(prompt, return_tensors="pt").input_ids}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        ids = inputs["input_ids"]
         sampling = (
             {"do_sample": True, "temperature": args.temperature}
             if args.temperature > 0
@@ -324,7 +343,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         with torch.no_grad():
             out = model.generate(  # type: ignore[operator]
-                ids,
+                **inputs,
                 max_new_tokens=args.max_new_tokens,
                 pad_token_id=tok.pad_token_id or tok.eos_token_id,
                 **sampling,

@@ -20,7 +20,8 @@ from lowbit.cli import main
 pytestmark = pytest.mark.slow
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
-            "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h"]  # fmt: skip
+            "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h", "qwen2_5_vl",
+            "qwen3_vl"]  # fmt: skip
 LAYERS = {"nemotron_h": 4}  # one block of each kind (Mamba-2, attention, MLP, MoE); else 2
 PRESETS = ["fp8", "int4_awq", "nvfp4"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
@@ -36,6 +37,8 @@ EXPECTED_REFUSALS = {
     ("mixtral", "trtllm"): "use --format hf",
     ("qwen3_moe", "trtllm"): "use --format hf",
     ("nemotron_h", "trtllm"): "use --format hf",
+    ("qwen2_5_vl", "trtllm"): "use --format hf",
+    ("qwen3_vl", "trtllm"): "use --format hf",
 }
 
 
@@ -61,7 +64,7 @@ def test_family_quantize_generate_export_read_back(tiny_factory, text_file, tmp_
     ids = torch.randint(1, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids).logits
-        generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # type: ignore[operator]
+        generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # type: ignore[operator]
     assert torch.isfinite(logits).all() and generated.shape[1] == 16
     _record({"family": family, "preset": preset, "step": "generate", "ok": True})
     for fmt in FORMATS:

@@ -174,9 +174,10 @@ def quantize_checkpoint(
     bound_heap()
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
-    if int(calib.max()) >= config.vocab_size:
+    vocab = config.get_text_config().vocab_size  # a vision-language model's is its language model's
+    if int(calib.max()) >= vocab:
         raise LowbitError(
-            f"calibration token id {int(calib.max())} >= vocab_size {config.vocab_size}; "
+            f"calibration token id {int(calib.max())} >= vocab_size {vocab}; "
             "the tokenizer does not match the model"
         )
     algorithm = recipe.algorithm
@@ -229,8 +230,9 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         shell = [n for n in job.reader.names() if not n.startswith(path + ".")]
         job.writer.write_shell(job.reader.read(shell))
     states = _layer0_inputs(job, calib, batch_size) if job.uses_data else []
-    info = LayerInfo("", job.family, getattr(config, "num_attention_heads", None),
-                     getattr(config, "num_key_value_heads", None))  # fmt: skip
+    text = config.get_text_config()
+    info = LayerInfo("", job.family, getattr(text, "num_attention_heads", None),
+                     getattr(text, "num_key_value_heads", None))  # fmt: skip
     modules: dict[str, Any] = {}
     errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
@@ -305,9 +307,10 @@ def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tup
     materialize(job.meta, job.reader, "", job.meta, job.device, skip=[path, *head])
     embed = job.meta.get_input_embeddings()  # type: ignore[operator]
     cast = embed.register_forward_hook(lambda m, args, out: out.to(job.compute_dtype))
-    intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    text = config.get_text_config()
+    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     bs = batch_size or auto_batch_size(
-        len(calib), calib.shape[1], config.hidden_size, intermediate, job.device
+        len(calib), calib.shape[1], text.hidden_size, intermediate, job.device
     )
     states, job.layer_kwargs = _capture_inputs(
         job.meta, job.layers, calib, bs, job.device, job.family.per_layer_kwargs

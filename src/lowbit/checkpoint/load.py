@@ -31,9 +31,7 @@ def load_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, dict[str, Any] | None]:
     """(model, manifest): the model with its quantization applied; manifest None for a plain model."""
-    from transformers import AutoModelForCausalLM
-
-    from lowbit.models.loading import resolve_model
+    from lowbit.models.loading import auto_model_class, load_config, resolve_model
 
     model_dir = resolve_model(str(path))
     from lowbit.export.readback import export_format, load_export
@@ -44,14 +42,14 @@ def load_model(
         model.to(device)
         return model, summary
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = auto_model_class(load_config(model_dir)).from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError) as e:
         raise LowbitError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]})") from None
     model.eval()
     manifest = read_manifest(model_dir) if is_lowbit_checkpoint(model_dir) else None
     if manifest is not None:
         apply_quantization(model, model_dir, manifest)
-    model.to(device)  # type: ignore[arg-type]
+    model.to(device)
     return model, manifest
 
 

@@ -239,12 +239,12 @@ def decode_ct(t: dict[str, Tensor], spec: QuantSpec) -> Decoded:
 
 def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
     """(model, summary) of an hf or compressed-tensors export, with QuantLinears computing its values."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lowbit.checkpoint.load import load_quantizer_stats
     from lowbit.models.conv1d import conv1d_names, linearize
     from lowbit.models.families import Family, family, to_checkpoint_name, to_module_name
-    from lowbit.models.loading import SafetensorsReader
+    from lowbit.models.loading import SafetensorsReader, auto_model_class
     from lowbit.models.moe import unfuse_known
     from lowbit.quant.convert import KV_QUANTIZERS
     from lowbit.quant.kv import is_attention, use_kv_attention
@@ -255,7 +255,7 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     qcfg: dict[str, Any] = dict(getattr(config, "quantization_config", None) or {})
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = auto_model_class(config).from_config(config, dtype=dtype)
     model.eval()
     unfuse_known(model)  # MoE experts: one Linear per projection, as exported
     try:

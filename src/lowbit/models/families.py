@@ -185,6 +185,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(("mixtral",), "model.layers", "mixtral", renames=((".block_sparse_moe.", ".mlp."),),
            **moe_facts(MoE("mlp.experts", "w1", "w3", "w2", "mlp.gate"))),
     Family(("qwen2", "qwen3"), "model.layers", "qwen", LLAMA_SMOOTH, trtllm=True),
+    # vision-language models: the language model is quantized; the vision tower and its projector (merger)
+    # are skipped by default and exported unchanged
+    Family(("qwen3_vl",), "model.language_model.layers", "qwen", LLAMA_SMOOTH),
+    # Qwen2.5-VL checkpoints keep the older names (model.layers, visual.*)
+    Family(("qwen2_5_vl",), "model.language_model.layers", "qwen", LLAMA_SMOOTH,
+           renames=(("model.", "model.language_model."), ("visual.", "model.visual."))),
     Family(("qwen3_moe",), "model.layers", "qwen",
            **moe_facts(MoE("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"))),
     # Gemma's RMSNorm scales by (1 + weight): smoothing folds into that

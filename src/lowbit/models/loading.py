@@ -149,13 +149,22 @@ def check_layout(config: PretrainedConfig, known: bool) -> None:
         )
 
 
+def auto_model_class(config: PretrainedConfig) -> Any:
+    """The transformers auto class that builds a generating model of this config: a causal LM, or for a
+    vision-language model (Qwen2.5-VL, Qwen3-VL) the image-text-to-text model holding its language model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM  # its error names the cause
+
+
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
     """The full model on the meta device: structure and names, no memory."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         try:  # eval: no dropout (GPT-2 and Falcon configs have it) in calibration forwards
-            return AutoModelForCausalLM.from_config(config, dtype=_config_dtype(config)).eval()
+            return auto_model_class(config).from_config(config, dtype=_config_dtype(config)).eval()
         except ValueError as e:
             raise LowbitError(
                 f"cannot build a causal LM for model type {config.model_type!r}: {str(e).splitlines()[0]}"
@@ -300,6 +309,8 @@ def model_files_for_copy(model_dir: Path) -> list[Path]:
         "merges",
         "chat_template",
         "preprocessor",
+        "processor",
+        "video_preprocessor",
     )
     return [
         p

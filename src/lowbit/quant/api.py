@@ -29,8 +29,9 @@ def quantize(
     config: Any = getattr(model, "config", None)
     if recipe.kv_cache is not None:
         use_kv_attention(config)
-    info = LayerInfo("", whole_model_family(model), getattr(config, "num_attention_heads", None),
-                     getattr(config, "num_key_value_heads", None))  # fmt: skip
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info = LayerInfo("", whole_model_family(model), getattr(text, "num_attention_heads", None),
+                     getattr(text, "num_key_value_heads", None))  # fmt: skip
     calibrate_layer(model, info, recipe.algorithm, recipe.params, forward_loop)
     return specs
 
