@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(--no-sequential: one pass per layer, faster)",
     )
     q.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or cached dataset name")
+    q.add_argument(
+        "--calib-images", default=None,
+        help='vision-language models: a .jsonl of {"image": PATH, "text": PROMPT} samples, added to the text',
+    )  # fmt: skip
     q.add_argument("--calib-size", type=int, default=512)
     q.add_argument("--calib-seq-len", type=int, default=512)
     q.add_argument("--calib-batch-size", type=int, default=None, help="default: chosen from free memory")
@@ -248,6 +252,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.seed,
     )
     log.info("calibrating on %d samples of %d tokens", *calib.shape)
+    images = None
+    if args.calib_images:
+        from lowbit.models.loading import load_config
+        from lowbit.models.vision import image_samples
+
+        images = image_samples(
+            args.calib_images, model_dir, load_config(model_dir), _tokenizer(model_dir), args.calib_size
+        )
+        log.info("and %d image + text samples", len(images))
     result = quantize_checkpoint(
         model_dir,
         recipe,
@@ -258,6 +271,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=_progress(args),
+        images=images,
     )
     print(
         f"quantized {len(result.modules)} modules of {model_dir} with {recipe.name}, algorithm {result.algorithm}, "

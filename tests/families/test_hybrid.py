@@ -21,7 +21,7 @@ def test_layer_by_layer_forward_with_each_layers_arguments_is_the_model(tiny_fac
     ids = torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids, output_hidden_states=True).hidden_states
-        states, kwargs = _capture_inputs(model, layers, ids, 2, torch.device("cpu"), per_layer)
+        states, kwargs = _capture_inputs(model, layers, [{"input_ids": ids}], torch.device("cpu"), per_layer)
         h = states[0][0]
         for i, layer in enumerate(layers):
             out = layer(h, **(kwargs[i][0] if kwargs is not None else states[0][1]))

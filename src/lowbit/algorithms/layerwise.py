@@ -47,6 +47,7 @@ from lowbit.models.loading import (
     trim_heap,
 )
 from lowbit.models.moe import unfuse_experts
+from lowbit.models.vision import Deepstack
 from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
@@ -104,8 +105,14 @@ class LayerwiseResult:
     modules: dict[str, Any] = field(default_factory=dict)
 
 
-def fingerprint(model_dir: Path, recipe: Recipe, calib: Tensor) -> dict[str, Any]:
-    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
+def fingerprint(
+    model_dir: Path, recipe: Recipe, calib: Tensor, images: list[dict[str, Tensor]] | None = None
+) -> dict[str, Any]:
+    h = hashlib.sha256(calib.numpy().tobytes())
+    for sample in images or []:
+        for key in sorted(sample):
+            h.update(sample[key].contiguous().view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()[:16]
     return {
         "model": str(model_dir.resolve()),
         "recipe": recipe.to_dict(),
@@ -149,6 +156,9 @@ class _Job:
     family: Family
     layer_kwargs: list[list[dict[str, Any]]] | None = None  # per layer, per batch (Family.per_layer_kwargs)
     conv1d: set[str] = field(default_factory=set)  # Conv1D modules made Linears (stored transposed back)
+    images: list[dict[str, Tensor]] = field(default_factory=list)  # image + text samples, a batch each
+    # per batch: what the model adds to the hidden states after some layers (Qwen3-VL's deepstack features)
+    injections: list[Deepstack | None] = field(default_factory=list)
 
 
 def quantize_checkpoint(
@@ -163,8 +173,11 @@ def quantize_checkpoint(
     overwrite: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    images: list[dict[str, Tensor]] | None = None,
 ) -> LayerwiseResult:
-    """Quantize the checkpoint at `model` with `recipe`, calibrating on `calib` (n, seq_len) token ids.
+    """Quantize the checkpoint at `model` with `recipe`, calibrating on `calib` (n, seq_len) token ids and,
+    for a vision-language model, on `images`: image + text samples (models.vision.image_samples), one batch
+    each.
 
     Everything that can be checked without the weights (paths, architecture, every Linear's shape, token
     ids) is checked before OUTPUT.partial is created; a bad-input error later removes this run's partial
@@ -208,11 +221,12 @@ def quantize_checkpoint(
             f"--exclude '{outside[0]}'"
         )
     writer = CheckpointWriter(
-        output, fingerprint(model_dir, recipe, calib), resume=resume, overwrite=overwrite
+        output, fingerprint(model_dir, recipe, calib, images), resume=resume, overwrite=overwrite
     )
-    uses_data = needs_data(algorithm) or _static_activations(specs.values(), recipe)
+    uses_data = needs_data(algorithm) or _static_activations(specs.values(), recipe) or bool(images)
     job = _Job(model_dir, config, reader, recipe, algorithm, meta, layers, layers_path, writer,
-               torch.device(device), compute_dtype, progress, uses_data, fam, conv1d=conv1d)  # fmt: skip
+               torch.device(device), compute_dtype, progress, uses_data, fam, conv1d=conv1d,
+               images=images or [])  # fmt: skip
     try:
         modules = _run(job, calib, batch_size)
     except LowbitError:
@@ -272,10 +286,12 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
                 set_calibrating(layer, True)
                 _advance(layer, states)
                 set_calibrating(layer, False)
+            _inject(job, states, i)
         for _, linear in quant_linears(layer):
             linear.bake()  # the float weights are on disk: advance with one copy of the layer
         if job.uses_data and sequential and not last:
             _advance(layer, states)
+            _inject(job, states, i)
         layer.to("meta")
         trim_heap()
     bar.close()
@@ -290,7 +306,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         "calibration_data_used": job.uses_data,
         "errors": errors,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
-                        "sha256": job.writer.fingerprint["calib_sha256"]},
+                        "image_samples": len(job.images), "sha256": job.writer.fingerprint["calib_sha256"]},
         "layers": path,
         "num_layers": len(job.layers),
         "modules": modules,
@@ -312,13 +328,24 @@ def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tup
     bs = batch_size or auto_batch_size(
         len(calib), calib.shape[1], text.hidden_size, intermediate, job.device
     )
-    states, job.layer_kwargs = _capture_inputs(
-        job.meta, job.layers, calib, bs, job.device, job.family.per_layer_kwargs
-    )
+    batches = [{"input_ids": b} for b in calib.split(bs)] + job.images
+    owner = job.meta.get_submodule(path.rpartition(".")[0]) if "." in path else job.meta
+    with Deepstack.capture(owner) as injections:
+        states, job.layer_kwargs = _capture_inputs(
+            job.meta, job.layers, batches, job.device, job.family.per_layer_kwargs
+        )
+    job.injections = injections
     cast.remove()
-    log.info("captured %d batches of %d tokens at %s", len(states), calib.shape[1], path)
+    log.info("captured %d batches (%d with images) at %s", len(states), len(job.images), path)
     release(job.meta, skip=[path])  # nothing outside the layers is needed past layer 0's inputs
     return states
+
+
+def _inject(job: _Job, states: list[tuple[Tensor, dict[str, Any]]], i: int) -> None:
+    """Add what the model adds to the hidden states after layer i (Qwen3-VL's deepstack visual features)."""
+    for j, injection in enumerate(job.injections):
+        if injection is not None:
+            states[j] = (injection.apply(states[j][0], i), states[j][1])
 
 
 def _static_activations(specs: Any, recipe: Recipe) -> bool:
@@ -339,7 +366,7 @@ def _output_head_name(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def _capture_inputs(
-    meta: nn.Module, layers: nn.ModuleList, calib: Tensor, bs: int, device: torch.device, per_layer: bool
+    meta: nn.Module, layers: nn.ModuleList, batches: list[dict[str, Tensor]], device: torch.device, per_layer: bool
 ) -> tuple[list[tuple[Tensor, dict[str, Any]]], list[list[dict[str, Any]]] | None]:
     """Layer 0's inputs per batch; with `per_layer` (hybrid models whose layers get different masks) also
     every layer's keyword arguments, recorded by stand-ins that pass the hidden states through."""
@@ -349,9 +376,9 @@ def _capture_inputs(
     for i, c in enumerate(catchers):
         layers[i] = c
     try:
-        for batch in calib.split(bs):
+        for batch in batches:
             try:
-                meta(input_ids=batch.to(device), use_cache=False)
+                meta(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             except _Captured:
                 pass
             else:
