@@ -154,3 +154,17 @@ def test_gemma_awq_smooths_into_its_one_plus_weight_norms(tiny_factory, text_fil
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
     errors = manifest["errors"]["model.layers.0.mlp.gate_proj"]
     assert errors["after"] < errors["before"]
+
+
+def test_in_memory_quantize_reaches_every_expert(tiny_factory):
+    """The in-memory API splits the fused experts too (else they would stay unquantized), and ties the engine
+    scales across the experts with full module names."""
+    import lowbit.quant as lq
+    from lowbit.quant.linear import QuantLinear
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory("mixtral", 2), dtype=torch.float32).eval()
+    specs = lq.quantize(model, lq.preset("fp8"), forward_loop=lambda m: m(IDS))
+    assert sum(".experts." in n for n in specs) == 2 * 4 * 3
+    experts = model.model.layers[0].mlp.experts
+    amaxes = {float(getattr(e, p).input_quantizer.amax) for e in experts for p in ("w1", "w3")}
+    assert len(amaxes) == 1 and all(isinstance(e.w2, QuantLinear) for e in experts)

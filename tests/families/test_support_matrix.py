@@ -3,8 +3,8 @@ back. Each outcome is recorded; `python tools/support_matrix.py` runs this file 
 docs/support-matrix.md from the records (set LOWBIT_MATRIX_OUT to a JSON-lines file to keep them).
 
 A combination either works (the read-back export computes the checkpoint's logits) or is refused up front
-with a one-line error and no output; EXPECTED_REFUSALS lists the refusals, so that a combination that
-starts or stops working fails here until the list (and the matrix) says so."""
+with a one-line error and no output; NO_TRTLLM and FORMAT_REFUSALS list the refusals, so that a combination that
+starts or stops working fails here until the lists (and the matrix) say so."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
+from lowbit.quant.recipe import PRESETS as PRESET_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +24,24 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h", "qwen2_5_vl",
             "qwen3_vl"]  # fmt: skip
 LAYERS = {"nemotron_h": 4}  # one block of each kind (Mamba-2, attention, MLP, MoE); else 2
-PRESETS = ["fp8", "int4_awq", "nvfp4"]
+PRESETS = [p for p in PRESET_NAMES if p != "no_quant"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
-# (family, format) -> what the one-line error says; every preset
-EXPECTED_REFUSALS = {
-    ("gemma2", "trtllm"): "use --format hf",
-    ("gemma3_text", "trtllm"): "use --format hf",
-    ("starcoder2", "trtllm"): "use --format hf",
-    ("falcon", "trtllm"): "use --format hf",
-    ("gpt_bigcode", "trtllm"): "use --format hf",
-    ("gpt2", "trtllm"): "use --format hf",
-    ("phi3", "trtllm"): "use --format hf",
-    ("mixtral", "trtllm"): "use --format hf",
-    ("qwen3_moe", "trtllm"): "use --format hf",
-    ("nemotron_h", "trtllm"): "use --format hf",
-    ("qwen2_5_vl", "trtllm"): "use --format hf",
-    ("qwen3_vl", "trtllm"): "use --format hf",
-}
+# families whose TensorRT-LLM tensor names lowbit does not know
+NO_TRTLLM = {"gemma2", "gemma3_text", "starcoder2", "falcon", "gpt2", "gpt_bigcode", "phi3", "mixtral", "qwen3_moe",
+             "nemotron_h", "qwen2_5_vl", "qwen3_vl"}  # fmt: skip
+# (preset, format) -> what the one-line error says: the format has no form for the preset's numerics
+FORMAT_REFUSALS = {
+    ("mxfp4", "hf"): "the unified HF format has no quant_algo",
+    ("w4a8_awq", "compressed-tensors"): "compressed-tensors has no format",
+    **{(p, "trtllm"): "has no TensorRT-LLM checkpoint quant_algo"
+       for p in ("fp8_pc_pt", "fp8_pb_wo", "nvfp4_wo", "mxfp8", "mxfp4")},
+}  # fmt: skip
+
+
+def expected_refusal(family: str, preset: str, fmt: str) -> str | None:
+    if fmt == "trtllm" and family in NO_TRTLLM:
+        return "no TensorRT-LLM tensor names"
+    return FORMAT_REFUSALS.get((preset, fmt))
 
 
 def _record(row: dict) -> None:
@@ -72,7 +74,7 @@ def test_family_quantize_generate_export_read_back(tiny_factory, text_file, tmp_
         capsys.readouterr()
         code = main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(out), "-q"])
         err = capsys.readouterr().err.strip()
-        expected = EXPECTED_REFUSALS.get((family, fmt))
+        expected = expected_refusal(family, preset, fmt)
         if expected is not None:
             assert code == 2 and expected in err and len(err.splitlines()) == 1, err
             assert not out.exists()

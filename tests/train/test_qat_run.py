@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
 from lowbit.train.trainer import KILL_AT_ENV, read_metrics
 
@@ -198,3 +199,27 @@ def test_resume_refuses_a_changed_data_order_and_finetune_an_occupied_save_dir(
     assert "train.global_batch_size=8" in err and "data order" in err and len(err.splitlines()) == 1
     assert main(["qat", *_args(ptq["int4_awq"], run, text_file, "checkpoint.finetune=true"), "-q"]) == 2
     assert "choose a new checkpoint.save" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("model_type", "preset"), [("gpt2", "int4_awq"), ("mixtral", "fp8")])
+def test_qat_of_conv1d_and_moe_models_saves_checkpoints_that_load_and_export(
+    tiny_factory, text_file, tmp_path, model_type, preset
+):
+    """GPT-2's Conv1D layers train as Linears and are saved back in GPT-2's layout; MoE experts train as one
+    Linear each, their fused gate/up scales learned as one parameter."""
+    src = tiny_factory(model_type, 2)
+    ckpt = tmp_path / "ptq"
+    args = ["quantize", "--model", str(src), "--qformat", preset, "--algorithm", "max", "--calib-data",
+            str(text_file), "--calib-size", "4", "--calib-seq-len", "64", "--output", str(ckpt), "-q"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "run"
+    assert main(["qat", *_args(ckpt, run, text_file, "qat.learn_scales=true"), "-q"]) == 0
+    saved = run / "latest"
+    shapes = {k: v.shape for k, v in _weights(ckpt).items()}
+    assert {k: v.shape for k, v in _weights(saved).items()} == shapes  # the checkpoint's layout
+    before, after = _weights(ckpt), _weights(saved)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    model, _ = load_model(saved)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(1, 512, (1, 16))).logits).all()
+    assert main(["export", "--checkpoint", str(saved), "--format", "hf", "--output", str(tmp_path / "hf"), "-q"]) == 0

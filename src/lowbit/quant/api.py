@@ -24,7 +24,11 @@ def quantize(
     each layer on the quantized layers before it, use `lowbit.algorithms.layerwise.quantize_checkpoint`.
     """
     from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer
+    from lowbit.models.conv1d import linearize
+    from lowbit.models.moe import unfuse_known
 
+    unfuse_known(model)  # MoE experts: one Linear per projection, or they would stay unquantized
+    linearize(model)  # GPT-2's Conv1D layers
     specs = convert(model, recipe)
     config: Any = getattr(model, "config", None)
     if recipe.kv_cache is not None:
@@ -50,9 +54,14 @@ def whole_model_family(model: nn.Module) -> Any:
     n = len(layers)  # type: ignore[arg-type]
     smooth = tuple(
         dataclasses.replace(s, prev=f"{fam.layers}.{i}.{s.prev}",
-                            linears=tuple(f"{fam.layers}.{i}.{x}" for x in s.linears))
+                            linears=tuple(f"{fam.layers}.{i}.{x}" for x in s.linears),
+                            also=tuple(f"{fam.layers}.{i}.{x}" for x in s.also))
         for i in range(n) for s in fam.smooth
     )  # fmt: skip
+
+    def per_layer(groups: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(f"{fam.layers}.{i}.{x}" for x in group) for i in range(n) for group in groups)
+
     no_clip = tuple(f"{fam.layers}.{i}.{x}" for i in range(n) for x in fam.no_clip)
-    fused = tuple(tuple(f"{fam.layers}.{i}.{x}" for x in group) for i in range(n) for group in fam.fused)
-    return dataclasses.replace(fam, smooth=smooth, no_clip=no_clip, fused=fused)
+    return dataclasses.replace(fam, smooth=smooth, no_clip=no_clip, fused=per_layer(fam.fused),
+                               shared_inputs=per_layer(fam.shared_inputs))  # fmt: skip

@@ -39,7 +39,14 @@ from lowbit.checkpoint.load import is_lowbit_checkpoint, load_model, read_manife
 from lowbit.checkpoint.store import CheckpointWriter, write_json
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaledFormat, reduce_amax
-from lowbit.models.loading import load_config_json, load_tokenizer, model_files_for_copy
+from lowbit.models.conv1d import conv1d_names, transposed
+from lowbit.models.loading import (
+    build_meta_model,
+    load_config,
+    load_config_json,
+    load_tokenizer,
+    model_files_for_copy,
+)
 from lowbit.quant.qat import prepare_qat
 from lowbit.train.config import Config, to_dict
 from lowbit.train.data import Order, TrainData, load_data
@@ -224,6 +231,10 @@ class _Trainer:
 
         model, _ = load_model(self.start.model_dir, "cpu", torch.float32)
         self.storage = _storage_dtypes(self.start.model_dir)
+        # GPT-2's quantized Conv1D layers train as Linears and are saved in the checkpoint's layout
+        self.conv1d = conv1d_names(build_meta_model(load_config(self.start.model_dir))) & set(
+            self.manifest["modules"]
+        )
         self.recompute: dict[str, ScaledFormat] = {}
         self.report = prepare_qat(model, cfg.qat.learn_scales, cfg.qat.recompute_block_scales,
                                   _fused_groups(model))  # fmt: skip
@@ -514,7 +525,7 @@ class _Trainer:
     def _write_checkpoint(
         self, writer: CheckpointWriter, state: dict[str, Tensor], optim_state: dict[str, Any], it: int
     ) -> None:
-        tensors = checkpoint_tensors(state, self.storage, self.recompute)
+        tensors = transposed(checkpoint_tensors(state, self.storage, self.recompute), self.conv1d)
         layers_path, n_layers = self.manifest["layers"], int(self.manifest["num_layers"])
         shell = {k: v for k, v in tensors.items() if not k.startswith(layers_path + ".")}
         if any("_quantizer." in k for k in shell):
@@ -593,10 +604,12 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 
 
 def _fused_groups(model: nn.Module) -> list[list[str]]:
+    from lowbit.models.families import expand_groups
     from lowbit.quant.api import whole_model_family
 
     fam = whole_model_family(model)
-    return [list(g) for g in fam.fused] if fam is not None else []
+    names = [n for n, _ in model.named_modules()]
+    return expand_groups(fam.fused, names, per_expert=True) if fam is not None else []
 
 
 def _point_latest(run_dir: Path, target: Path) -> None:
