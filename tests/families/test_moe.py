@@ -137,22 +137,28 @@ def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, t
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
-def test_gemma_awq_smooths_into_its_one_plus_weight_norms(tiny_factory, text_file, tmp_path, model_type):
-    """Gemma families have smoothing groups; the folds into their (1 + w) norms keep the float model."""
+@pytest.mark.parametrize(
+    ("model_type", "norm"),
+    [("gemma", "post_attention_layernorm"), ("gemma2", "pre_feedforward_layernorm"),
+     ("gemma3_text", "pre_feedforward_layernorm"), ("phi3", "post_attention_layernorm"),
+     ("starcoder2", "post_attention_layernorm")],
+)  # fmt: skip
+def test_awq_smooths_dense_families_and_keeps_the_float_model(tiny_factory, text_file, tmp_path, model_type, norm):
+    """Gemma (folds into its 1 + w norms), Phi-3 (fused qkv_proj / gate_up_proj) and StarCoder2 (LayerNorms with
+    bias) have smoothing groups; the folds keep the float model up to BF16 rounding."""
     src = tiny_factory(model_type, 2)
     manifest = _quantize(src, tmp_path / "q", text_file, "int4_awq")
     assert manifest["algorithm"] == "awq_full"
     smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    norm = "post_attention_layernorm" if model_type == "gemma" else "pre_feedforward_layernorm"
     assert not torch.equal(
         getattr(smoothed.model.layers[0], norm).weight, getattr(original.model.layers[0], norm).weight
     )
     with torch.no_grad():
         a, b = smoothed(IDS).logits, original(IDS).logits
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
-    errors = manifest["errors"]["model.layers.0.mlp.gate_proj"]
+    mlp_in = {"phi3": "mlp.gate_up_proj", "starcoder2": "mlp.c_fc"}.get(model_type, "mlp.gate_proj")
+    errors = manifest["errors"][f"model.layers.0.{mlp_in}"]
     assert errors["after"] < errors["before"]
 
 

@@ -200,9 +200,14 @@ FAMILIES: tuple[Family, ...] = (
     Family(("gemma2", "gemma3_text"), "model.layers", "gemma",
            (*LLAMA_SMOOTH[:2], Smooth("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             LLAMA_SMOOTH[3]), norm_offset=1.0, per_layer_kwargs=True),
-    Family(("phi3",), "model.layers", "phi3"),
+    # Phi-3: q/k/v and gate/up are fused Linears in the checkpoint already
+    Family(("phi3",), "model.layers", "phi3",
+           (Smooth("input_layernorm", ("self_attn.qkv_proj",)),
+            Smooth("post_attention_layernorm", ("mlp.gate_up_proj",))), fused=()),
     Family(("nemotron_h",), "model.layers", "nemotron_h", **NEMOTRON_H),
-    Family(("starcoder2",), "model.layers", "gpt"),
+    # StarCoder2: LayerNorms with bias; GELU between c_fc and c_proj (no fold there)
+    Family(("starcoder2",), "model.layers", "gpt",
+           (*LLAMA_SMOOTH[:2], Smooth("post_attention_layernorm", ("mlp.c_fc",))), fused=(LLAMA_FUSED[0],)),
     # StarCoder / SantaCoder: q/k/v are one Linear already (c_attn); GELU sits between c_fc and c_proj
     # GPT-2: Conv1D layers (models/conv1d.py); the same fused c_attn and GELU MLP as StarCoder
     Family(("gpt2",), "transformer.h", "gpt",
