@@ -97,6 +97,17 @@ ARCHS: dict[str, tuple[str, dict]] = {
     # Qwen3: Llama-like, plus per-head RMSNorm on q and k (q_norm / k_norm).
     "qwen3": ("qwen3", dict(use_sliding_window=False, sliding_window=None)),
     "llama": ("llama", dict(mlp_bias=False)),
+    # Qwen3-MoE with the dense model's active size: 4 experts of the dense intermediate size, top-1 routing,
+    # every layer sparse; the router's load-balancing loss (output_router_logits) keeps every expert in use.
+    "qwen3_moe": ("qwen3_moe", dict(use_sliding_window=False, sliding_window=None, num_experts=4,
+                                    num_experts_per_tok=1, moe_intermediate_size=768, decoder_sparse_step=1,
+                                    mlp_only_layers=[], norm_topk_prob=True, output_router_logits=True,
+                                    router_aux_loss_coef=0.01)),
+    # the same active size routed as Mixtral / Qwen3-MoE route: 8 experts of half the width, top-2
+    "qwen3_moe_top2": ("qwen3_moe", dict(use_sliding_window=False, sliding_window=None, num_experts=8,
+                                         num_experts_per_tok=2, moe_intermediate_size=384, decoder_sparse_step=1,
+                                         mlp_only_layers=[], norm_topk_prob=True, output_router_logits=True,
+                                         router_aux_loss_coef=0.01)),
 }
 
 

@@ -132,7 +132,9 @@ class Source:
         )
         self.stats = SafetensorsReader(self.dir, stat_files)
         # quantized GPT-2 Conv1D layers: stored (in, out) as the checkpoint has them, exported as Linears
-        self.conv1d = conv1d_names(build_meta_model(load_config(self.dir))) & set(self.modules)
+        self.conv1d: set[str] = set()
+        if self.modules:
+            self.conv1d = conv1d_names(build_meta_model(load_config(self.dir))) & set(self.modules)
 
     @property
     def family(self) -> Family | None:
