@@ -267,7 +267,7 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
         return to_module_name(name, fam) if fam is not None else name
 
     def checkpoint_name(name: str) -> str:
-        return to_checkpoint_name(name + ".", fam)[:-1] if fam is not None else name
+        return to_checkpoint_name(name, fam) if fam is not None else name
 
     reader = SafetensorsReader(model_dir, rename=module_name)
     tensors = reader.read(reader.names())

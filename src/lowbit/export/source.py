@@ -146,7 +146,7 @@ class Source:
     def checkpoint_name(self, name: str) -> str:
         """A tensor or module name as the original checkpoint names it (lowbit works with module names)."""
         fam = self.family
-        return to_checkpoint_name(name + ".", fam)[:-1] if fam is not None and fam.renames else name
+        return to_checkpoint_name(name, fam) if fam is not None else name
 
     @property
     def quantized(self) -> bool:

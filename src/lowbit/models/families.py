@@ -220,9 +220,10 @@ SUPPORTED = tuple(t for f in FAMILIES for t in f.model_types)
 
 
 def _rename(name: str, old: str, new: str) -> str:
-    """Replace a fragment: one that starts with '.' anywhere, any other as a prefix only."""
+    """Replace a fragment: one that starts with '.' anywhere (a module name ending in it too), any other as a
+    prefix only."""
     if old.startswith("."):
-        return name.replace(old, new)
+        return (name + ".").replace(old, new)[:-1]
     return new + name[len(old) :] if name.startswith(old) else name
 
 
