@@ -46,6 +46,11 @@ def test_expert_list_computes_the_fused_experts(tiny_factory, model_type):
     assert not any(p.dim() == 3 for p in split.parameters())
     with torch.no_grad():
         torch.testing.assert_close(split(IDS).logits, fused(IDS).logits, rtol=0, atol=1e-5)
+        # in BF16 the experts return BF16, as the fused ones do (the routing weights are fp32)
+        split.to(torch.bfloat16), fused.to(torch.bfloat16)
+        block = split.model.layers[0].mlp
+        x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+        assert block(x).dtype == torch.bfloat16 == fused.model.layers[0].mlp(x).dtype
 
 
 def test_every_expert_calibrated_with_engine_shared_scales(tiny_factory, text_file, tmp_path):

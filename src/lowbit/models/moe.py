@@ -55,7 +55,7 @@ class ExpertList(nn.ModuleList):
         self.routed = [0] * len(experts)  # tokens routed to each expert during calibration
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        out = torch.zeros_like(hidden_states, dtype=torch.promote_types(hidden_states.dtype, top_k_weights.dtype))
+        out = torch.zeros_like(hidden_states)  # the input's dtype, as Mixtral's and Qwen3-MoE's experts return
         for e, expert in enumerate(self):
             token_idx, pos = torch.where(top_k_index == e)
             if self.calibrating:
