@@ -3,6 +3,7 @@ calibration text from the standard library's sources."""
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
@@ -209,7 +210,7 @@ def tiny_factory(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
     cache: dict[tuple, Path] = {}
 
     def factory(model_type: str = "llama", layers: int = 2, **overrides: object) -> Path:
-        key = (model_type, layers, tuple(sorted(overrides.items())))
+        key = (model_type, layers, json.dumps(overrides, sort_keys=True))
         if key not in cache:
             cache[key] = make_tiny_model(
                 tmp_path_factory.mktemp(model_type), tokenizer_dir, model_type, layers, **overrides

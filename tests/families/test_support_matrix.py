@@ -20,10 +20,16 @@ from lowbit.quant.recipe import PRESETS as PRESET_NAMES
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
+FAMILIES = ["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
             "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h", "qwen2_5_vl",
             "qwen3_vl"]  # fmt: skip
 LAYERS = {"nemotron_h": 4}  # one block of each kind (Mamba-2, attention, MLP, MoE); else 2
+# rows that are a family with another config: Llama 3.1 / 3.2's rope scaling, 3.2's tied embeddings
+VARIANTS = {
+    "llama3.2": ("llama", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+}  # fmt: skip
 PRESETS = [p for p in PRESET_NAMES if p != "no_quant"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
 # families whose TensorRT-LLM tensor names lowbit does not know
@@ -54,7 +60,8 @@ def _record(row: dict) -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_quantize_generate_export_read_back(tiny_factory, text_file, tmp_path, capsys, family, preset):
-    src = tiny_factory(family, LAYERS.get(family, 2))
+    model_type, overrides = VARIANTS.get(family, (family, {}))
+    src = tiny_factory(model_type, LAYERS.get(family, 2), **overrides)
     ckpt = tmp_path / "q"
     args = ["quantize", "--model", str(src), "--qformat", preset, "--calib-data", str(text_file),
             "--calib-size", "4", "--calib-seq-len", "32", "--output", str(ckpt), "-q"]  # fmt: skip
