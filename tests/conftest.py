@@ -119,6 +119,10 @@ TINY_CONFIGS: dict[str, dict] = {
             fullatt_block_indexes=[1], window_size=56, spatial_merge_size=2, temporal_patch_size=2,
         ),
     ),
+    "qwen2_moe": dict(  # routed experts plus a gated shared expert
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+    ),
     "qwen3_moe": dict(
         hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,

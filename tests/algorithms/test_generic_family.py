@@ -58,15 +58,14 @@ def test_a_recipe_that_matches_nothing_is_an_error(tmp_path):
 
 
 def test_moe_checkpoints_without_facts_are_refused_up_front(tmp_path):
-    """Mixtral and Qwen3-MoE have expert facts (tests/families/test_moe.py); a MoE architecture without them,
+    """Mixtral, Qwen2/3-MoE have expert facts (tests/families/test_moe.py); a MoE architecture without them,
     whose checkpoint transformers fuses on load, is refused before any output exists."""
     from lowbit.errors import LowbitError
 
-    src = tmp_path / "qwen2_moe"
+    src = tmp_path / "olmoe"
     config = AutoConfig.for_model(
-        "qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-        shared_expert_intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
-        vocab_size=128, num_experts=2, num_experts_per_tok=1,
+        "olmoe", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=1, vocab_size=128, num_experts=2, num_experts_per_tok=1,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(src)
     with pytest.raises(LowbitError, match="renames or fuses"):

@@ -110,6 +110,7 @@ def test_expert_the_router_never_picks_is_reported_and_calibrated(
     [
         ("mixtral", "model.layers.0.mlp.gate", "awq_full"),
         ("mixtral", "model.layers.0.mlp.gate", "smoothquant"),
+        ("qwen2_moe", "model.layers.0.mlp.gate", "awq_full"),
         ("nemotron_h", "model.layers.3.mixer.gate", "awq_full"),
     ],
 )
@@ -126,7 +127,7 @@ def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, t
     assert main(args) == 0
     smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    norm = router.rsplit(".", 2)[0] + (".post_attention_layernorm" if model_type == "mixtral" else ".norm")
+    norm = router.rsplit(".", 2)[0] + (".norm" if model_type == "nemotron_h" else ".post_attention_layernorm")
     assert not torch.equal(
         smoothed.get_submodule(norm).weight, original.get_submodule(norm).weight
     )  # smoothed

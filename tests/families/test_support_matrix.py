@@ -21,7 +21,7 @@ from lowbit.quant.recipe import PRESETS as PRESET_NAMES
 pytestmark = pytest.mark.slow
 
 FAMILIES = ["llama", "llama3.2", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
-            "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen3_moe", "nemotron_h", "qwen2_5_vl",
+            "falcon", "gpt2", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe", "nemotron_h", "qwen2_5_vl",
             "qwen3_vl"]  # fmt: skip
 LAYERS = {"nemotron_h": 4}  # one block of each kind (Mamba-2, attention, MLP, MoE); else 2
 # rows that are a family with another config: Llama 3.1 / 3.2's rope scaling, 3.2's tied embeddings
@@ -33,8 +33,8 @@ VARIANTS = {
 PRESETS = [p for p in PRESET_NAMES if p != "no_quant"]
 FORMATS = ["hf", "compressed-tensors", "trtllm"]
 # families whose TensorRT-LLM tensor names lowbit does not know
-NO_TRTLLM = {"gemma2", "gemma3_text", "starcoder2", "falcon", "gpt2", "gpt_bigcode", "phi3", "mixtral", "qwen3_moe",
-             "nemotron_h", "qwen2_5_vl", "qwen3_vl"}  # fmt: skip
+NO_TRTLLM = {"gemma2", "gemma3_text", "starcoder2", "falcon", "gpt2", "gpt_bigcode", "phi3", "mixtral", "qwen2_moe",
+             "qwen3_moe", "nemotron_h", "qwen2_5_vl", "qwen3_vl"}  # fmt: skip
 # (preset, format) -> what the one-line error says: the format has no form for the preset's numerics
 FORMAT_REFUSALS = {
     ("mxfp4", "hf"): "the unified HF format has no quant_algo",

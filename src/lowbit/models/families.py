@@ -116,18 +116,23 @@ class MoE:
         return (self.linears("gate"), self.linears("up")) if self.gate is not None else (self.linears("up"),)
 
 
-def moe_facts(moe: MoE) -> dict[str, Any]:
-    """Smoothing groups, fused GEMMs and shared input scales of a Llama-style layer whose MLP is `moe`."""
+def moe_facts(moe: MoE, shared: str | None = None, shared_gate: str | None = None) -> dict[str, Any]:
+    """Smoothing groups, fused GEMMs and shared input scales of a Llama-style layer whose MLP is `moe`, with
+    an optional always-on `shared` gated-MLP expert (Qwen2-MoE) scaled by a `shared_gate` Linear."""
     up, down = moe.linears("up"), moe.linears("down")
+    shared_in = (f"{shared}.gate_proj", f"{shared}.up_proj") if shared else ()
     return dict(
         smooth=(
             *LLAMA_SMOOTH[:2],
-            # the router reads the normed input too: its weight takes the scales, so routing is unchanged
-            Smooth("post_attention_layernorm", moe.inputs, also=(moe.router,)),
+            # the router (and the shared expert's gate) read the normed input too: their weights take the
+            # scales, so routing and gating are unchanged
+            Smooth("post_attention_layernorm", (*moe.inputs, *shared_in),
+                   also=(moe.router, *((shared_gate,) if shared_gate else ()))),
             Smooth(up, (down,)),
+            *((Smooth(f"{shared}.up_proj", (f"{shared}.down_proj",)),) if shared else ()),
             *LLAMA_SMOOTH[2:],  # dense MLP layers of a MoE model (Qwen3-MoE's mlp_only_layers)
         ),
-        fused=(*LLAMA_FUSED, moe.inputs),
+        fused=(*LLAMA_FUSED, moe.inputs, *((shared_in,) if shared else ())),
         shared_inputs=(moe.inputs, (down,)),
         moe=moe,
     )
@@ -193,6 +198,9 @@ FAMILIES: tuple[Family, ...] = (
            renames=(("model.", "model.language_model."), ("visual.", "model.visual."))),
     Family(("qwen3_moe",), "model.layers", "qwen",
            **moe_facts(MoE("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"))),
+    Family(("qwen2_moe",), "model.layers", "qwen",
+           **moe_facts(MoE("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate"),
+                       shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
     # Gemma's RMSNorm scales by (1 + weight): smoothing folds into that
     Family(("gemma",), "model.layers", "gemma", LLAMA_SMOOTH, trtllm=True, norm_offset=1.0),
     # Gemma 2 / 3: the norm before the MLP is pre_feedforward_layernorm (post_attention_layernorm normalizes
