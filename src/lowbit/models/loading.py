@@ -143,9 +143,13 @@ def check_layout(config: PretrainedConfig, known: bool) -> None:
     except ImportError:  # older transformers: checkpoints are loaded as named
         return
     if not known and get_checkpoint_conversion_mapping(config.model_type):
+        from lowbit.models.families import FAMILIES
+
+        moe_types = [t for f in FAMILIES if f.moe is not None for t in f.model_types]
         raise LowbitError(
             f"model type {config.model_type!r}: transformers renames or fuses its checkpoint tensors on load "
-            "(MoE experts into 3-D tensors), which lowbit's tensor-by-tensor reader does not support yet"
+            "(MoE experts into 3-D tensors) and lowbit has no facts for it; supported MoE types: "
+            f"{', '.join(moe_types)} (an entry in lowbit/models/families.py adds one)"
         )
 
 
