@@ -329,13 +329,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image = None
     if args.image is not None:  # checked before the model is loaded
         from lowbit.models.loading import load_config
-        from lowbit.models.vision import is_vision_language, load_image
+        from lowbit.models.vision import load_image, require_vision_language
 
-        config = load_config(path)
-        if not is_vision_language(config):
-            raise LowbitError(
-                f"--image needs a vision-language model; {config.model_type!r} has no vision tower (drop --image)"
-            )
+        require_vision_language(load_config(path), "--image")
         image = load_image(args.image)
     model, manifest = load_model(path, device)
     tok = _tokenizer(path)

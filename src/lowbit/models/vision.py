@@ -61,6 +61,13 @@ def is_vision_language(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None and getattr(config, "image_token_id", None) is not None
 
 
+def require_vision_language(config: Any, option: str) -> None:
+    if not is_vision_language(config):
+        raise LowbitError(
+            f"{option} needs a vision-language model; {config.model_type!r} has no vision tower (drop {option})"
+        )
+
+
 def load_image(path: str | Path) -> Any:
     try:
         from PIL import Image
@@ -76,10 +83,7 @@ def load_image(path: str | Path) -> Any:
 def image_prompt(model_dir: Path, config: Any, tokenizer: Any, prompt: str, image: Any) -> dict[str, Tensor]:
     """Model inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw) for one image
     and one prompt."""
-    if not is_vision_language(config):
-        raise LowbitError(
-            f"--image needs a vision-language model; {config.model_type!r} has no vision tower (drop --image)"
-        )
+    require_vision_language(config, "--image")
     from transformers import AutoImageProcessor
 
     try:
@@ -128,10 +132,7 @@ def image_samples(
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"--calib-images {path}: no such file; pass a .jsonl of {{\"image\": ..., \"text\": ...}}")
-    if not is_vision_language(config):
-        raise LowbitError(
-            f"--calib-images needs a vision-language model; {config.model_type!r} has no vision tower"
-        )
+    require_vision_language(config, "--calib-images")
     samples = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
