@@ -243,7 +243,7 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
 
     from lowbit.checkpoint.load import load_quantizer_stats
     from lowbit.models.conv1d import conv1d_names, linearize
-    from lowbit.models.families import Family, family, to_checkpoint_name, to_module_name
+    from lowbit.models.families import find_family, to_checkpoint_name, to_module_name
     from lowbit.models.loading import SafetensorsReader, auto_model_class
     from lowbit.models.moe import unfuse_known
     from lowbit.quant.convert import KV_QUANTIZERS
@@ -258,18 +258,12 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
     model = auto_model_class(config).from_config(config, dtype=dtype)
     model.eval()
     unfuse_known(model)  # MoE experts: one Linear per projection, as exported
-    try:
-        fam: Family | None = family(str(config.model_type))
-    except LowbitError:
-        fam = None
-
-    def module_name(name: str) -> str:
-        return to_module_name(name, fam) if fam is not None else name
+    fam = find_family(str(config.model_type))
 
     def checkpoint_name(name: str) -> str:
-        return to_checkpoint_name(name, fam) if fam is not None else name
+        return to_checkpoint_name(name, fam)
 
-    reader = SafetensorsReader(model_dir, rename=module_name)
+    reader = SafetensorsReader(model_dir, rename=lambda n: to_module_name(n, fam))
     tensors = reader.read(reader.names())
     modules: dict[str, dict[str, Tensor]] = {}
     plain: dict[str, Tensor] = {}

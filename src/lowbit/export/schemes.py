@@ -73,11 +73,8 @@ def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:
     from torch import nn
 
     from lowbit.models.conv1d import is_conv1d
-    from lowbit.models.loading import build_meta_model, load_config
-    from lowbit.models.moe import unfuse_known
 
-    model = build_meta_model(load_config(source.dir))
-    unfuse_known(model)
+    model = source.meta_model
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     fam = source.family
     router = "." + fam.moe.router if fam is not None and fam.moe is not None else None

@@ -12,17 +12,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lowbit.checkpoint.load import is_lowbit_checkpoint, read_manifest
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import QTensor, ScaledFormat, dequantize, quantize
 from lowbit.models.conv1d import conv1d_names
-from lowbit.models.families import Family, family, to_checkpoint_name
+from lowbit.models.families import Family, find_family, to_checkpoint_name
 from lowbit.models.loading import (
     SafetensorsReader,
     build_meta_model,
@@ -31,6 +32,7 @@ from lowbit.models.loading import (
     model_files_for_copy,
     resolve_model,
 )
+from lowbit.models.moe import unfuse_known
 from lowbit.quant.linear import QuantSpec
 from lowbit.quant.recipe import format_from_data, spec_from_dict
 
@@ -131,22 +133,22 @@ class Source:
             sorted(p.name for p in self.dir.glob("quantizers-*.safetensors")) if self.manifest else []
         )
         self.stats = SafetensorsReader(self.dir, stat_files)
+        self.family: Family | None = find_family(self.model_type)
         # quantized GPT-2 Conv1D layers: stored (in, out) as the checkpoint has them, exported as Linears
         self.conv1d: set[str] = set()
         if self.modules:
-            self.conv1d = conv1d_names(build_meta_model(load_config(self.dir))) & set(self.modules)
+            self.conv1d = conv1d_names(self.meta_model) & set(self.modules)
 
-    @property
-    def family(self) -> Family | None:
-        try:
-            return family(self.model_type)
-        except LowbitError:
-            return None
+    @cached_property
+    def meta_model(self) -> nn.Module:
+        """The model's structure on the meta device, MoE experts split as lowbit quantizes them."""
+        model = build_meta_model(load_config(self.dir))
+        unfuse_known(model)
+        return model
 
     def checkpoint_name(self, name: str) -> str:
         """A tensor or module name as the original checkpoint names it (lowbit works with module names)."""
-        fam = self.family
-        return to_checkpoint_name(name, fam) if fam is not None else name
+        return to_checkpoint_name(name, self.family)
 
     @property
     def quantized(self) -> bool:

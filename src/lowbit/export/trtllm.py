@@ -62,7 +62,6 @@ from lowbit.formats.scaled import (
     global_scale_from_amax,
     scale_from_amax,
 )
-from lowbit.models.families import family
 from lowbit.quant.linear import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -158,10 +157,7 @@ class Plan:
 def _decoder_type(source: Source, options: ExportOptions) -> str:
     if options.decoder_type:
         return options.decoder_type
-    try:
-        fam = family(source.model_type)
-    except LowbitError:
-        fam = None
+    fam = source.family
     if fam is None or not fam.trtllm:
         raise LowbitError(
             f"lowbit has no TensorRT-LLM tensor names for architecture {source.model_type!r}; use --format hf "

@@ -235,24 +235,29 @@ def _rename(name: str, old: str, new: str) -> str:
     return new + name[len(old) :] if name.startswith(old) else name
 
 
-def to_module_name(name: str, fam: Family) -> str:
+def to_module_name(name: str, fam: Family | None) -> str:
     """A checkpoint tensor name as the model's modules name it."""
-    for stored, module in fam.renames:
+    for stored, module in fam.renames if fam is not None else ():
         name = _rename(name, stored, module)
     return name
 
 
-def to_checkpoint_name(name: str, fam: Family) -> str:
+def to_checkpoint_name(name: str, fam: Family | None) -> str:
     """A module's tensor name as the original checkpoint (and the engines reading exports) name it."""
-    for stored, module in fam.renames:
+    for stored, module in fam.renames if fam is not None else ():
         name = _rename(name, module, stored)
     return name
 
 
+def find_family(model_type: str) -> Family | None:
+    """The facts of `model_type`, or None where lowbit has none."""
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
 def family(model_type: str) -> Family:
-    for f in FAMILIES:
-        if model_type in f.model_types:
-            return f
+    f = find_family(model_type)
+    if f is not None:
+        return f
     raise LowbitError(
         f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
     )
@@ -267,10 +272,9 @@ def resolve_family(config: Any, model: nn.Module) -> Family:
     `num_hidden_layers` blocks. Such a model quantizes with max / GPTQ / MSE on every Linear; AWQ and
     SmoothQuant need smoothing groups and are skipped with a warning, and engines' fused scales are not tied."""
     model_type = str(getattr(config, "model_type", ""))
-    try:
-        return family(model_type)
-    except LowbitError:
-        pass
+    known = find_family(model_type)
+    if known is not None:
+        return known
     n = next(
         (getattr(config, k) for k in LAYER_COUNT_KEYS if isinstance(getattr(config, k, None), int)), None
     )

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.errors import LowbitError
-from lowbit.models.families import Family, MoE, family
+from lowbit.models.families import Family, MoE, find_family
 
 
 class Expert(nn.Module):
@@ -116,11 +115,8 @@ def unfuse_experts(model: nn.Module, family: Family) -> int:
 
 def unfuse_known(model: nn.Module) -> int:
     """unfuse_experts with the facts of the model's own family (none for unknown architectures)."""
-    try:
-        fam = family(str(getattr(getattr(model, "config", None), "model_type", "")))
-    except LowbitError:
-        return 0
-    return unfuse_experts(model, fam)
+    fam = find_family(str(getattr(getattr(model, "config", None), "model_type", "")))
+    return unfuse_experts(model, fam) if fam is not None else 0
 
 
 def _is_fused(module: nn.Module, moe: MoE) -> bool:
