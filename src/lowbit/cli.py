@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate each layer on the quantized layers' outputs (default) or on the float model's "
         "(--no-sequential: one pass per layer, faster)",
     )
+    q.add_argument(
+        "--calib-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default=None,
+        help="dtype of the calibration forward passes' matrix products (default auto: the checkpoint's, so a "
+        "BF16 model runs bf16 products where the hardware has them; float32: exact)",
+    )
     q.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or cached dataset name")
     q.add_argument(
         "--calib-images", default=None,
@@ -228,6 +235,7 @@ def _recipe(args: argparse.Namespace) -> Any:
         "gptq_act_order",
         "percentile",
         "sequential",
+        "calib_dtype",
     )
     params = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     if params:

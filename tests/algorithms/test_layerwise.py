@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lowbit.algorithms.layerwise import quantize_checkpoint
+from lowbit.algorithms.layerwise import matmul_dtype, quantize_checkpoint
 from lowbit.checkpoint.load import load_model
+from lowbit.errors import LowbitError
 from lowbit.quant import preset, quantize
 
 
@@ -24,9 +25,8 @@ def test_layerwise_equals_in_memory_for_data_free_formats(tiny_llama, calib_ids,
 
 
 def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llama, calib_ids, tmp_path):
-    out = quantize_checkpoint(
-        tiny_llama, preset("fp8"), tmp_path / "fp8", calib_ids, batch_size=4, progress=False
-    )
+    recipe = preset("fp8").with_params(calib_dtype="float32")  # fp32 forwards: the amax is reproduced exactly
+    out = quantize_checkpoint(tiny_llama, recipe, tmp_path / "fp8", calib_ids, batch_size=4, progress=False)
     model, manifest = load_model(out.output)
     assert manifest["algorithm"] == "max"
     seen: list[torch.Tensor] = []
@@ -84,3 +84,34 @@ def test_tied_embeddings_are_stored_once_and_tied_on_load(tiny_factory, calib_id
     assert "lm_head.weight" not in load_file(str(out / "model-shell.safetensors"))
     model, _ = load_model(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_bf16_calibration_forwards_match_fp32_ones_closely(tiny_llama, calib_ids, tmp_path):
+    """calib_dtype "auto" on a BF16 checkpoint runs the layers' products in bf16 (autocast); the statistics it
+    gathers are those of fp32 forwards to bf16 precision, and weights stay exactly what fp32 makes of them."""
+    amaxes, weights = [], []
+    for dtype in ("float32", "bfloat16"):
+        recipe = preset("fp8").with_params(calib_dtype=dtype)
+        out = quantize_checkpoint(tiny_llama, recipe, tmp_path / dtype, calib_ids, batch_size=4, progress=False)
+        model, _ = load_model(out.output)
+        layer = model.model.layers[1]
+        pair = [layer.self_attn.q_proj.input_quantizer.amax, layer.mlp.down_proj.input_quantizer.amax]
+        amaxes.append(torch.stack(pair))
+        weights.append(model.model.layers[0].mlp.gate_proj.weight)
+    assert not torch.equal(amaxes[0], amaxes[1])  # the bf16 products did run
+    assert torch.allclose(amaxes[0], amaxes[1], rtol=0.03)
+    assert torch.equal(weights[0], weights[1])  # max weight scales need no forward pass
+
+
+@pytest.mark.parametrize(
+    ("choice", "stored", "expected"),
+    [("float32", torch.bfloat16, None), ("bfloat16", torch.float32, torch.bfloat16),
+     ("auto", torch.float32, None), ("auto", torch.float16, None)],
+)  # fmt: skip
+def test_calibration_matmul_dtype(choice, stored, expected):
+    assert matmul_dtype(choice, stored, torch.device("cpu")) == expected
+
+
+def test_calib_dtype_must_be_known():
+    with pytest.raises(LowbitError, match="calib_dtype 'bf16' is not one of auto, float32, bfloat16"):
+        preset("fp8").with_params(calib_dtype="bf16")

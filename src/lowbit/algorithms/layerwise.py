@@ -12,6 +12,7 @@ Resuming replays the finished layers from OUTPUT.partial (forward only) to rebui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -159,6 +160,13 @@ class _Job:
     images: list[dict[str, Tensor]] = field(default_factory=list)  # image + text samples, a batch each
     # per batch: what the model adds to the hidden states after some layers (Qwen3-VL's deepstack features)
     injections: list[Deepstack | None] = field(default_factory=list)
+    matmul_dtype: torch.dtype | None = None  # autocast dtype of the layers' forward passes (None: compute_dtype)
+
+    def forwards(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of every calibration forward pass of a layer (not of the algorithms' own arithmetic)."""
+        if self.matmul_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.matmul_dtype)
 
 
 def quantize_checkpoint(
@@ -224,9 +232,11 @@ def quantize_checkpoint(
         output, fingerprint(model_dir, recipe, calib, images), resume=resume, overwrite=overwrite
     )
     uses_data = needs_data(algorithm) or _static_activations(specs.values(), recipe) or bool(images)
+    dev = torch.device(device)
+    stored = next((p.dtype for p in layers.parameters() if p.is_floating_point()), compute_dtype)
     job = _Job(model_dir, config, reader, recipe, algorithm, meta, layers, layers_path, writer,
-               torch.device(device), compute_dtype, progress, uses_data, fam, conv1d=conv1d,
-               images=images or [])  # fmt: skip
+               dev, compute_dtype, progress, uses_data, fam, conv1d=conv1d, images=images or [],
+               matmul_dtype=matmul_dtype(recipe.params.calib_dtype, stored, dev))  # fmt: skip
     try:
         modules = _run(job, calib, batch_size)
     except LowbitError:
@@ -268,7 +278,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             _check_activations(states, prefix)
             info.prefix, info.storage_dtypes = prefix, orig_dtypes
             outputs = [] if job.uses_data and not sequential and not last else None
-            loop = _loop_over(states, outputs) if job.uses_data else None
+            loop = _loop_over(states, outputs, job.forwards) if job.uses_data else None
             errors.update(calibrate_layer(layer, info, job.algorithm, job.recipe.params, loop))
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
         if i >= done:
@@ -284,13 +294,13 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
                 states[:] = [(out, kw) for out, (_, kw) in zip(outputs, states, strict=True)]
             else:  # a replayed layer: its float weights, as when it was calibrated
                 set_calibrating(layer, True)
-                _advance(layer, states)
+                _advance(layer, states, job.forwards)
                 set_calibrating(layer, False)
             _inject(job, states, i)
         for _, linear in quant_linears(layer):
             linear.bake()  # the float weights are on disk: advance with one copy of the layer
         if job.uses_data and sequential and not last:
-            _advance(layer, states)
+            _advance(layer, states, job.forwards)
             _inject(job, states, i)
         layer.to("meta")
         trim_heap()
@@ -409,27 +419,56 @@ def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _loop_over(
-    states: list[tuple[Tensor, dict[str, Any]]], outputs: list[Tensor] | None = None
+    states: list[tuple[Tensor, dict[str, Any]]],
+    outputs: list[Tensor] | None = None,
+    forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> Callable[[nn.Module], None]:
     """The calibration loop over a layer's inputs; the first pass's outputs go to `outputs` if given."""
 
     def loop(layer: nn.Module) -> None:
         record = outputs is not None and not outputs
         for hidden, kwargs in states:
-            out = layer(hidden, **kwargs)
+            with forwards():
+                out = layer(hidden, **kwargs)
             if record:
                 assert outputs is not None
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+                outputs.append((out[0] if isinstance(out, tuple) else out).to(hidden.dtype))
 
     return loop
 
 
 @torch.no_grad()
-def _advance(layer: nn.Module, states: list[tuple[Tensor, dict[str, Any]]]) -> None:
+def _advance(
+    layer: nn.Module,
+    states: list[tuple[Tensor, dict[str, Any]]],
+    forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> None:
     """Replace each batch's hidden states by the quantized layer's output."""
     for j, (hidden, kwargs) in enumerate(states):
-        out = layer(hidden, **kwargs)
-        states[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
+        with forwards():
+            out = layer(hidden, **kwargs)
+        states[j] = ((out[0] if isinstance(out, tuple) else out).to(hidden.dtype), kwargs)
+
+
+def matmul_dtype(choice: str, stored: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of calibration's forward passes for AlgorithmParams.calib_dtype `choice` (None: fp32).
+
+    "auto" follows the checkpoint: BF16 weights get bf16 products with fp32 accumulation, as the model runs in
+    an inference engine, where the hardware has them (CUDA; CPUs with AMX or AVX512-BF16, 5x fp32's speed);
+    emulated bf16 would be slower than fp32, and fp16 products can overflow activations that fp32 keeps.
+    """
+    if choice == "float32":
+        return None
+    if choice == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if stored == torch.bfloat16 and _fast_bf16(device) else None
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return device.type == "cpu" and any(callable(p) and p() for p in probes)
 
 
 def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str) -> None:
