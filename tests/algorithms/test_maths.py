@@ -181,3 +181,23 @@ def test_input_stats_follow_smoothing():
     st.scale_inputs(s)
     torch.testing.assert_close(st.hessian, ref.hessian)
     torch.testing.assert_close(st.amax, ref.amax)
+
+
+@pytest.mark.parametrize("fmt", [INT4_G128, NVFP4])
+def test_refitted_group_scales_keep_the_codes_and_never_raise_a_rows_error(fmt):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = _correlated_inputs(2048, 256)
+    h = x.t() @ x / len(x)
+    gamax = w.abs().amax() if fmt.global_scale else None
+    q, _ = gptq.gptq_quantize(w, h, _column_quantizer(w, fmt), act_order=True)
+    amax = search.search_weight_amax(w, fmt, [1.0])  # the max scales GPTQ quantized with
+    refit, q2 = search.refit_group_amax(w, q, fmt, amax, gamax, h)
+    assert torch.equal(fake_quant(q2, fmt, amax=refit, global_amax=gamax), q2)  # on its own grid
+    old = ((q - w) @ h * (q - w)).sum(1)
+    new = ((q2 - w) @ h * (q2 - w)).sum(1)
+    assert (new <= old * (1 + 1e-5)).all()
+    if fmt is INT4_G128:  # fp32 scales: the least-squares fit lowers the error of (nearly) every row
+        assert new.sum() < 0.995 * old.sum() and (new < old).float().mean() > 0.9
+        codes = lambda t, a: t.reshape(64, 2, 128) / (a / 7)[..., None]  # noqa: E731
+        assert torch.allclose(codes(q2, refit), codes(q, amax), atol=1e-4)  # same codes, new scales

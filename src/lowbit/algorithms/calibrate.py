@@ -412,9 +412,21 @@ def _gptq(
             lin.weight, h, quantize_columns, block_size=params.gptq_block_size, damp=params.gptq_damp,
             act_order=params.gptq_act_order, name=f"{info.prefix}.{name}",
         )  # fmt: skip
+        q = _refit_scales(lin, q, h)
         lin.weight.data = q.to(lin.weight.dtype)
         lin._qweight = None
     _round_to_storage_all(linears, info)
+
+
+def _refit_scales(lin: QuantLinear, q: Tensor, h: Tensor) -> Tensor:
+    """GPTQ's codes with each row's group scales refitted to them (search.refit_group_amax), for one-stage
+    symmetric group formats (INT4, NVFP4, MXFP4); the weight `q` again, on the refitted scales."""
+    qs = lin.weight_quantizer.quantizers()
+    fmt = qs[0].fmt
+    if len(qs) != 1 or fmt.granularity != "group" or not fmt.symmetric or qs[0].amax is None:
+        return q
+    qs[0].amax, refitted = search.refit_group_amax(lin.weight, q, fmt, qs[0].amax, qs[0].global_amax, h)
+    return refitted
 
 
 def _round_to_storage_all(linears: dict[str, QuantLinear], info: LayerInfo) -> None:

@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.elements import round_to_grid
-from lowbit.formats.scaled import ScaledFormat, fake_quant, reduce_amax
+from lowbit.formats.scaled import (
+    ScaledFormat,
+    fake_quant,
+    global_scale_from_amax,
+    reduce_amax,
+    scale_from_amax,
+)
 
 
 def clip_ratios(n: int, clip_min: float) -> list[float]:
@@ -90,3 +96,52 @@ def activation_amax(
         if loss < best_loss:
             best, best_loss = a, loss
     return best
+
+
+CHUNK_ELEMENTS = 1 << 24  # rows x groups x in_features per step of the refit (64 MB of fp32)
+
+
+@torch.no_grad()
+def refit_group_amax(
+    w: Tensor, wq: Tensor, fmt: ScaledFormat, amax: Tensor, global_amax: Tensor | None, hessian: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(per-group amax in fmt's scale shape, the weight on it): scales that, with the grid values of `wq`
+    kept, minimise each row's output error `(w - wq') H (w - wq')^T`. The G group scales of a row are a
+    linear least-squares fit (a G x G system per row), then put on the scale grid; rows where that is not
+    better keep `amax` and `wq`.
+
+    `wq` is w quantized with `amax` (after GPTQ, whose codes assumed the old scales); the fit is exact
+    because changing a group's scale moves all its elements along their codes.
+    """
+    assert fmt.granularity == "group" and fmt.group_size is not None and fmt.symmetric
+    w, wq, h = w.detach().float(), wq.detach().float(), hessian.float()
+    out, n = w.shape
+    gs = fmt.group_size
+    groups = n // gs
+    g = global_scale_from_amax(global_amax) if fmt.global_scale and global_amax is not None else None
+    eff = scale_from_amax(amax, fmt, g) * (g if g is not None else 1.0)  # (out, groups)
+    codes = wq.view(out, groups, gs) / eff[..., None]
+    hb = h.view(groups, gs, n)
+    fitted = torch.empty_like(eff)
+    step = max(1, CHUNK_ELEMENTS // (groups * n))
+    for r0 in range(0, out, step):
+        c = codes[r0 : r0 + step]
+        t = torch.einsum("ogk,gkj->ogj", c, hb)  # codes placed in their group's columns, times H
+        a = torch.einsum("oghk,ohk->ogh", t.view(-1, groups, groups, gs), c)
+        b = torch.einsum("ogj,oj->og", t, w[r0 : r0 + step])
+        empty = c.abs().sum(-1) == 0  # a group of zeros: any scale is exact
+        a = a + torch.diag_embed(empty.float())
+        ridge = 1e-9 * a.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
+        a = a + ridge[:, None, None] * torch.eye(groups, device=a.device)
+        s, info = torch.linalg.solve_ex(a, b.unsqueeze(-1))
+        s = s.squeeze(-1)
+        ok = torch.isfinite(s) & (s > 0) & ~empty & (info == 0)[:, None]
+        fitted[r0 : r0 + step] = torch.where(ok, s, eff[r0 : r0 + step])
+    new_amax = fitted * fmt.element.max  # the amax whose scale is `fitted` (both levels for NVFP4)
+    new_eff = scale_from_amax(new_amax, fmt, g) * (g if g is not None else 1.0)  # on the scale grid
+    new_wq = (codes * new_eff[..., None]).view(out, n)
+    new_wq = fake_quant(new_wq, fmt, amax=new_amax, global_amax=global_amax)  # exactly as the quantizer has it
+    old_err = ((wq - w) @ h * (wq - w)).sum(1)
+    new_err = ((new_wq - w) @ h * (new_wq - w)).sum(1)
+    better = (new_err < old_err)[:, None]
+    return torch.where(better, new_amax, amax.float().reshape(new_amax.shape)), torch.where(better, new_wq, wq)
