@@ -72,6 +72,11 @@ def parse_args(
     p.add_argument("--out", required=True, help="JSONL file; one line per run is appended")
     p.add_argument("--isolate", action="store_true", help="one subprocess per run (clean peak RSS)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--no-eval", action="store_true",
+                   help="quantize only (memory runs): no base model, no weight snapshot, no evaluation")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the model is loaded in (float32: the evaluation protocol; bfloat16: as users "
+                        "load a BF16 checkpoint, for memory runs)")
     p.add_argument("--no-base-cache", action="store_true",
                    help="recompute the base model's eval logits for every run instead of caching them on disk")
     args = p.parse_args(argv)
@@ -100,10 +105,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def load_model(model_dir: str):
+def load_model(model_dir: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.eval()
     return model
 
@@ -113,6 +118,8 @@ def load_data(args: argparse.Namespace):
 
     tok = AutoTokenizer.from_pretrained(args.model)
     calib = calibration_windows(args.calib, tok, n=args.calib_size, seq_len=args.calib_seq_len, seed=0)
+    if args.no_eval:
+        return tok, calib, None
     ev = eval_windows(args.eval, tok, seq_len=args.seq_len, max_samples=args.eval_samples)
     return tok, calib, ev
 
@@ -200,16 +207,17 @@ def run(
         sys.exit(rc)
 
     _, calib, ev = load_data(args)
-    base = load_model(args.model)
+    base = None if args.no_eval else load_model(args.model)
     for preset, algo in args.runs:
         label = f"{preset}:{algo}"
-        print(f"[{tool}] {label}: calib {tuple(calib.shape)} eval {tuple(ev.shape)} threads {args.threads}",
-              flush=True)
+        shape = "none" if ev is None else tuple(ev.shape)
+        print(f"[{tool}] {label}: calib {tuple(calib.shape)} eval {shape} threads {args.threads}", flush=True)
         row = _row(tool, tool_version, preset, algo, _safe(describe, preset, algo))
-        model = load_model(args.model)
+        row["model_dtype"] = args.dtype
+        model = load_model(args.model, args.dtype)
         stage = "quantize"
         caught: list[warnings.WarningMessage] = []
-        before = _linear_weights(model)
+        before = {} if args.no_eval else _linear_weights(model)
         try:
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
@@ -218,8 +226,13 @@ def run(
             row["quant_seconds"] = round(time.perf_counter() - t0, 3)
             row["peak_rss_mb"] = round(peak_rss_mb(), 1)
             row.update(extra)
-            row["weights_modified_linears"] = _count_modified(model, before)
+            if before:
+                row["weights_modified_linears"] = _count_modified(model, before)
             row["warnings"] = _dedupe_warnings(caught)
+            if ev is None:
+                print(f"[{tool}] {label}: {json.dumps(row)}", flush=True)
+                _append(out, row)
+                continue
             stage = "eval"
             t1 = time.perf_counter()
             row.update(evaluate(model, base, ev, base_cache_dir(args, ev)))
