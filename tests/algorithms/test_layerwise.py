@@ -93,7 +93,8 @@ def test_bf16_calibration_forwards_match_fp32_ones_closely(tiny_llama, calib_ids
     for dtype in ("float32", "bfloat16"):
         recipe = preset("fp8").with_params(calib_dtype=dtype)
         out = quantize_checkpoint(tiny_llama, recipe, tmp_path / dtype, calib_ids, batch_size=4, progress=False)
-        model, _ = load_model(out.output)
+        model, manifest = load_model(out.output)
+        assert manifest["calibration_matmul_dtype"] == dtype
         layer = model.model.layers[1]
         pair = [layer.self_attn.q_proj.input_quantizer.amax, layer.mlp.down_proj.input_quantizer.amax]
         amaxes.append(torch.stack(pair))

@@ -314,6 +314,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         "algorithm_requested": job.recipe.algorithm,
         "algorithm": job.algorithm,
         "calibration_data_used": job.uses_data,
+        "calibration_matmul_dtype": str(job.matmul_dtype or job.compute_dtype).removeprefix("torch."),
         "errors": errors,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                         "image_samples": len(job.images), "sha256": job.writer.fingerprint["calib_sha256"]},
