@@ -116,3 +116,23 @@ def test_calibration_matmul_dtype(choice, stored, expected):
 def test_calib_dtype_must_be_known():
     with pytest.raises(LowbitError, match="calib_dtype 'bf16' is not one of auto, float32, bfloat16"):
         preset("fp8").with_params(calib_dtype="bf16")
+
+
+def test_gptq_stores_refitted_group_scales(tiny_llama, calib_ids, tmp_path):
+    """After GPTQ each row's INT4 group scales are refitted to its codes: they differ from the max scales of
+    the float weight (which GPTQ's static groups start from), and the stored weight lies on them."""
+    from lowbit.formats.scaled import fake_quant, reduce_amax
+
+    out = quantize_checkpoint(
+        tiny_llama, preset("int4_awq").with_algorithm("gptq"), tmp_path / "q", calib_ids, batch_size=4,
+        progress=False,
+    )  # fmt: skip
+    model, _ = load_model(out.output)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    lin = model.model.layers[1].mlp.down_proj
+    quantizer = lin.weight_quantizer.quantizers()[0]
+    max_amax = reduce_amax(original.model.layers[1].mlp.down_proj.weight, quantizer.fmt)
+    refitted = ~torch.isclose(quantizer.amax, max_amax, rtol=1e-6).all(-1)
+    assert refitted.float().mean() > 0.5  # most rows took the least-squares fit
+    w = lin.weight_quantizer(lin.weight.float())
+    assert torch.equal(fake_quant(w, quantizer.fmt, amax=quantizer.amax), w)

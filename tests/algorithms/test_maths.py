@@ -101,13 +101,19 @@ def test_gptq_with_identity_hessian_is_round_to_nearest(fmt):
     assert torch.equal(q, fake_quant(w, fmt))
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_lowers_the_output_error_on_correlated_inputs(act_order):
+def _gptq_on_correlated_inputs(fmt, act_order):
+    """(w, H, GPTQ's weight) for a random weight on correlated inputs with outlier channels."""
     torch.manual_seed(0)
     w = torch.randn(64, 256)
     x = _correlated_inputs(2048, 256)
     h = x.t() @ x / len(x)
-    q, _ = gptq.gptq_quantize(w, h, _column_quantizer(w, INT4_G128), act_order=act_order)
+    q, _ = gptq.gptq_quantize(w, h, _column_quantizer(w, fmt), act_order=act_order)
+    return w, h, q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(act_order):
+    w, h, q = _gptq_on_correlated_inputs(INT4_G128, act_order)
     rtn = fake_quant(w, INT4_G128)
     assert output_error(q - w, h) < 0.85 * output_error(rtn - w, h)
     # every column stays on its group's grid (static groups): quantizing again changes nothing
@@ -185,12 +191,8 @@ def test_input_stats_follow_smoothing():
 
 @pytest.mark.parametrize("fmt", [INT4_G128, NVFP4])
 def test_refitted_group_scales_keep_the_codes_and_never_raise_a_rows_error(fmt):
-    torch.manual_seed(0)
-    w = torch.randn(64, 256)
-    x = _correlated_inputs(2048, 256)
-    h = x.t() @ x / len(x)
+    w, h, q = _gptq_on_correlated_inputs(fmt, act_order=True)
     gamax = w.abs().amax() if fmt.global_scale else None
-    q, _ = gptq.gptq_quantize(w, h, _column_quantizer(w, fmt), act_order=True)
     amax = search.search_weight_amax(w, fmt, [1.0])  # the max scales GPTQ quantized with
     refit, q2 = search.refit_group_amax(w, q, fmt, amax, gamax, h)
     assert torch.equal(fake_quant(q2, fmt, amax=refit, global_amax=gamax), q2)  # on its own grid
