@@ -114,7 +114,7 @@ def test_calibration_matmul_dtype(choice, stored, expected):
 
 
 def test_calib_dtype_must_be_known():
-    with pytest.raises(LowbitError, match="calib_dtype 'bf16' is not one of auto, float32, bfloat16"):
+    with pytest.raises(LowbitError, match="unknown calib_dtype 'bf16'; use one of auto, float32, bfloat16"):
         preset("fp8").with_params(calib_dtype="bf16")
 
 

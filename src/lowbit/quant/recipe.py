@@ -76,8 +76,8 @@ class AlgorithmParams:
     def __post_init__(self) -> None:
         if self.calib_dtype not in CALIB_DTYPES:
             raise LowbitError(
-                f"calib_dtype {self.calib_dtype!r} is not one of {', '.join(CALIB_DTYPES)}"
-                f"{closest(str(self.calib_dtype), CALIB_DTYPES)}"
+                f"unknown calib_dtype {self.calib_dtype!r}{closest(str(self.calib_dtype), CALIB_DTYPES)}; "
+                f"use one of {', '.join(CALIB_DTYPES)}"
             )
 
     def to_dict(self) -> dict[str, Any]:
