@@ -114,7 +114,8 @@ def test_calibration_matmul_dtype(choice, stored, expected):
 
 
 def test_calib_dtype_must_be_known():
-    with pytest.raises(LowbitError, match="unknown calib_dtype 'bf16'; use one of auto, float32, bfloat16"):
+    expected = r"unknown calib_dtype 'bf16' \(did you mean 'bfloat16'\?\); use one of auto, float32, bfloat16"
+    with pytest.raises(LowbitError, match=expected):
         preset("fp8").with_params(calib_dtype="bf16")
 
 
