@@ -247,6 +247,7 @@ def test_algorithm_and_its_parameters_from_the_command_line_and_the_error_report
     [
         (["--algorithm", "gptqq"], "unknown algorithm 'gptqq' (did you mean 'gptq'?)"),
         (["--algorithm", "smoothquant+awq"], "SmoothQuant and AWQ both smooth"),
+        (["--algorithm", "gptq+gptaq"], "GPTAQ is GPTQ with the float model's inputs; choose one"),
     ],
 )
 def test_bad_algorithm_is_a_one_line_error(tiny_llama, text_file, tmp_path, capsys, flag, message):

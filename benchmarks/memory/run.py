@@ -109,9 +109,14 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measure(cmd: list[str], log_path: Path, interval: float) -> dict[str, Any]:
-    """Run `cmd`; its peak RSS (wait4 rusage), wall time, exit code and a sampled RSS timeline."""
+def measure(
+    cmd: list[str], log_path: Path, interval: float, time_limit: float | None = None
+) -> dict[str, Any]:
+    """Run `cmd`; its peak RSS (wait4 rusage), wall time, exit code and a sampled RSS timeline. Past
+    `time_limit` seconds the child is stopped (SIGTERM) and `stopped` is True: its peak is then a lower bound
+    of the whole run's."""
     start = time.perf_counter()
+    stopped = False
     with open(log_path, "w") as log:
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         proc = psutil.Process(child.pid)
@@ -121,11 +126,15 @@ def measure(cmd: list[str], log_path: Path, interval: float) -> dict[str, Any]:
             if pid == child.pid:
                 break
             trace.append((time.perf_counter() - start, tree_rss(proc)))
+            if time_limit is not None and not stopped and time.perf_counter() - start > time_limit:
+                child.terminate()
+                stopped = True
             time.sleep(interval)
     seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     return {
         "returncode": child.returncode,
+        "stopped": stopped,
         "seconds": seconds,
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
         "sampled_peak_bytes": max((r for _, r in trace), default=0),

@@ -54,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--algorithm",
         default=None,
         help="calibration algorithm (default: the preset's): max, smoothquant, awq_lite, awq_clip, awq_full, "
-        "gptq, mse, percentile, none, or steps joined by '+' (awq+gptq, smoothquant+gptq, mse+gptq)",
+        "gptq, gptaq, mse, percentile, none, or steps joined by '+' (awq+gptq, awq_full+gptaq, mse+gptq)",
     )
     q.add_argument("--sq-alpha", type=float, default=None, help="SmoothQuant migration strength (0..1)")
     q.add_argument("--awq-grid", type=int, default=None, help="AWQ alpha grid points (default 20)")
     q.add_argument("--gptq-damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H)")
     q.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ columns per block (default 128)")
+    q.add_argument(
+        "--gptaq-alpha", type=float, default=None,
+        help="GPTAQ: fraction of the correction towards the float model's inputs (default 0.25)",
+    )  # fmt: skip
     q.add_argument(
         "--gptq-act-order",
         action=argparse.BooleanOptionalAction,
@@ -232,6 +236,7 @@ def _recipe(args: argparse.Namespace) -> Any:
         "awq_grid",
         "gptq_damp",
         "gptq_block_size",
+        "gptaq_alpha",
         "gptq_act_order",
         "percentile",
         "sequential",

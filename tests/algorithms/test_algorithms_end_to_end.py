@@ -46,6 +46,7 @@ def _kl(tmp_path, data, name: str, algorithm: str, **params) -> tuple[float, dic
         ("int4_awq", "awq_full", 0.95),
         ("int4_awq", "gptq", 0.8),
         ("int4_awq", "awq_full+gptq", 0.8),
+        ("int4_awq", "awq_full+gptaq", 0.8),
         ("nvfp4_wo", "mse", 0.99),
         ("nvfp4_wo", "gptq", 0.8),
     ],
@@ -110,3 +111,22 @@ def test_non_sequential_calibration_differs_and_stays_close(tmp_path, data):
     kl_par, manifest = _kl(tmp_path / "par", data, "int4_awq", "gptq", sequential=False)
     assert manifest["recipe"]["algorithm_params"]["sequential"] is False
     assert kl_par != kl_seq and kl_par < 2 * kl_seq
+
+
+def test_gptaq_equals_gptq_on_layer_0_and_leaves_the_activation_statistics_alone(tmp_path, data):
+    """Before layer 0 nothing is quantized yet (float and quantized activations are the same tensors), so
+    GPTAQ's layer 0 is GPTQ's; from layer 1 on it reads the float model's activations and differs. Its
+    reference passes change no activation statistic: W4A8's FP8 input scales of layer 0 are GPTQ's."""
+    from safetensors.torch import load_file
+
+    _kl(tmp_path, data, "w4a8_awq", "gptq")
+    _, manifest = _kl(tmp_path, data, "w4a8_awq", "gptaq")
+    assert manifest["algorithm"] == "gptaq"
+    for layer in (0, 1):
+        a = load_file(str(tmp_path / "w4a8_awq-gptaq" / f"model-layer-{layer:05d}.safetensors"))
+        b = load_file(str(tmp_path / "w4a8_awq-gptq" / f"model-layer-{layer:05d}.safetensors"))
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        assert same == (layer == 0), layer
+    qa = load_file(str(tmp_path / "w4a8_awq-gptaq" / "quantizers-layer-00000.safetensors"))
+    qb = load_file(str(tmp_path / "w4a8_awq-gptq" / "quantizers-layer-00000.safetensors"))
+    assert qa.keys() == qb.keys() and all(torch.equal(qa[k], qb[k]) for k in qa)

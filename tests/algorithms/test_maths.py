@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms import gptq, search, smoothing
+from lowbit.algorithms import stats as stats_module
 from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import FP8_TENSOR, INT4_G32, INT4_G128, NVFP4, fake_quant, scale_map
@@ -203,3 +204,38 @@ def test_refitted_group_scales_keep_the_codes_and_never_raise_a_rows_error(fmt):
         assert new.sum() < 0.995 * old.sum() and (new < old).float().mean() > 0.9
         codes = lambda t, a: t.reshape(64, 2, 128) / (a / 7)[..., None]  # noqa: E731
         assert torch.allclose(codes(q2, refit), codes(q, amax), atol=1e-4)  # same codes, new scales
+
+
+def test_gptaq_target_is_the_weight_without_input_error_and_fits_the_float_outputs():
+    """GPTAQ: GPTQ towards W + W D H^-1 lowers ||Q x_q - W x_f|| below GPTQ on W, when x_q = x_f + error."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x_f = _correlated_inputs(4096, 256)
+    x_q = x_f + 0.3 * _correlated_inputs(4096, 256, seed=1)  # the error of the quantized layers before
+    h = x_q.t() @ x_q / len(x_q)
+    cross = (x_f - x_q).t() @ x_q / len(x_q)
+    assert torch.equal(gptq.asymmetric_target(w, h, torch.zeros_like(h), 0.01), w)
+    target = gptq.asymmetric_target(w, h, cross, 0.01)
+    quantize = _column_quantizer(w, INT4_G128)
+    sym, _ = gptq.gptq_quantize(w, h, quantize)
+    asym, _ = gptq.gptq_quantize(target, h, quantize)
+
+    def err(q):
+        return (x_q @ q.t() - x_f @ w.t()).pow(2).mean()
+
+    assert err(asym) < 0.9 * err(sym)
+    assert torch.equal(scale_map(w, INT4_G128).fake_quant(asym), asym)  # on the weight's own grid
+
+
+def test_collect_inputs_gathers_the_cross_statistic_of_a_reference_pass():
+    lin = nn.Linear(8, 4, bias=False)
+    x_f, x_q = torch.randn(16, 8), torch.randn(16, 8)
+    with collect_inputs({"lin": lin}, None) as stats:
+        with stats_module.reference_inputs():
+            lin(x_f)
+        lin(x_q)
+        lin(x_q.clone())  # no reference before it: counted in H only
+    st = stats["lin"]
+    assert st.n == 32 and st.n_cross == 16
+    torch.testing.assert_close(st.cross, (x_f - x_q).t() @ x_q / 16)
+    torch.testing.assert_close(st.hessian, 2 * x_q.t() @ x_q / 32)

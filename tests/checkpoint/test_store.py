@@ -58,6 +58,21 @@ def test_crash_leaves_no_complete_looking_output_and_resume_finishes_identically
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gptaq_refuses_to_resume_and_keeps_the_partial_output(tiny_llama, calib_ids, tmp_path, monkeypatch):
+    """GPTAQ reads the float model's activations, which the finished layers of OUTPUT.partial cannot give
+    back: --resume says so and leaves the partial output as it is."""
+    recipe = preset("int4_awq").with_algorithm("gptaq")
+    out = tmp_path / "run"
+    _crash_at(monkeypatch, 1)
+    with pytest.raises(Crash):
+        quantize_checkpoint(tiny_llama, recipe, out, calib_ids, progress=False)
+    monkeypatch.undo()
+    before = sorted(p.name for p in (tmp_path / "run.partial").iterdir())
+    with pytest.raises(LowbitError, match="--resume cannot rebuild the float model's activations"):
+        quantize_checkpoint(tiny_llama, recipe, out, calib_ids, resume=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run.partial").iterdir()) == before and not out.exists()
+
+
 def test_existing_output_needs_overwrite(tiny_llama, calib_ids, tmp_path):
     out = tmp_path / "ck"
     out.mkdir()

@@ -180,3 +180,23 @@ def test_in_memory_quantize_reaches_every_expert(tiny_factory):
     experts = model.model.layers[0].mlp.experts
     amaxes = {float(getattr(e, p).input_quantizer.amax) for e in experts for p in ("w1", "w3")}
     assert len(amaxes) == 1 and all(isinstance(e.w2, QuantLinear) for e in experts)
+
+
+def test_gptaq_reference_passes_leave_the_routed_counts_and_input_scales(tiny_factory, text_file, tmp_path):
+    """GPTAQ runs every batch of the float model's activations through each layer too; what calibration
+    reports and stores for the quantized model's own tokens stays that of a GPTQ run."""
+    src = tiny_factory("mixtral", 2)
+    runs = {}
+    for algorithm in ("gptq", "gptaq"):
+        out = tmp_path / algorithm
+        args = ["quantize", "--model", str(src), "--qformat", "w4a8_awq", "--algorithm", algorithm,
+                "--calib-data", str(text_file), "--calib-size", "8", "--calib-seq-len", "32",
+                "--output", str(out), "-q"]  # fmt: skip
+        assert main(args) == 0
+        runs[algorithm] = (json.loads((out / "lowbit.json").read_text()), _stats(out))
+    (m_q, s_q), (m_a, s_a) = runs["gptq"], runs["gptaq"]
+    for name, e in m_q["errors"].items():
+        assert m_a["errors"][name].get("routed_tokens") == e.get("routed_tokens"), name
+    layer0 = [k for k in s_q if k.startswith("model.layers.0.") and "input_quantizer" in k]
+    assert layer0 and all(torch.equal(s_q[k], s_a[k]) for k in layer0)
+    assert sum(m_a["errors"][f"model.layers.0.mlp.experts.{e}.w1"]["routed_tokens"] for e in range(4)) == 8 * 32 * 2

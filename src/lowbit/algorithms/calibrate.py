@@ -4,7 +4,8 @@
    input statistics (stats.py) and the activation quantizers observe their inputs;
 2. smoothing (SmoothQuant or AWQ) of the family's smoothing groups, folded into the float weights;
 3. weight scales: max, then AWQ's clip search (Hessian-weighted) or the MSE search;
-4. GPTQ on the weights, with those scales fixed;
+4. GPTQ on the weights, with those scales fixed; GPTAQ (`gptaq`) towards the float model's outputs where
+   the statistics pass also saw the float model's inputs of the same tokens (`reference_pass`);
 5. activation scales: smoothing divides input channel j by s_j, so a per-tensor input amax becomes
    max_j(amax_j / s_j), exact from the per-channel statistics; only what that cannot cover (a smoothed V
    feeding a quantized KV cache, per-channel static inputs) takes a second pass over the data. After GPTQ
@@ -21,8 +22,9 @@ algorithm produced ("after"); weight-only data-free runs report the weight error
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms import gptq, search, smoothing
-from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
+from lowbit.algorithms.stats import InputStats, collect_inputs, output_error, reference_inputs
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
 from lowbit.models import moe
@@ -43,12 +45,13 @@ from lowbit.quant.convert import (
     set_calibrating,
 )
 from lowbit.quant.linear import QuantLinear
+from lowbit.quant.quantizer import STAT_NAMES
 from lowbit.quant.recipe import AlgorithmParams, algorithm_steps
 
 log = logging.getLogger(__name__)
 
 REPORT_ROWS = 256  # tokens per batch in the Hessian when only the error report needs it
-NEEDS_DATA = frozenset({"smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "percentile"})
+NEEDS_DATA = frozenset({"smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "gptaq", "percentile"})
 
 
 def needs_data(algorithm: str) -> bool:
@@ -93,7 +96,7 @@ def calibrate_layer(
                 f"{info.prefix or 'model'}: algorithm {algorithm!r} needs calibration data; pass a forward loop"
             )
         return _calibrate_data_free(layer, linears, info, steps, params)
-    full_h = bool(steps & {"awq_lite", "awq_full", "awq_clip", "gptq"})
+    full_h = bool(steps & {"awq_lite", "awq_full", "awq_clip", "gptq", "gptaq"})
     sample = "percentile" in steps
     _set_sampling(layer, sample)
     with collect_inputs(linears, None if full_h else REPORT_ROWS) as stats:
@@ -106,15 +109,14 @@ def calibrate_layer(
     originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
     _weight_scales(linears, stats, info, steps, params)
     tie_fused_scales(linears, info.family)
-    if "gptq" in steps:
+    if "gptaq" in steps and not any(st.cross is not None for st in stats.values()):
+        log.warning("%s: gptaq without the float model's activations (whole-model calibration, or "
+                    "--no-sequential) is gptq", info.prefix or "model")  # fmt: skip
+    if steps & {"gptq", "gptaq"}:
         _gptq(
             linears, stats, info, params
         )  # activation scales stay those of the float layer, as in the peers
-    for n, lin in linears.items():
-        if n in stats:
-            wq = lin.weight_quantizer(lin.weight.float())
-            report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
-            report[info.prefix + "." + n]["tokens"] = stats[n].n
+    _report_after(report, linears, stats, originals, info)
     del originals
     if repass:
         _reset_activation_stats(layer)
@@ -125,6 +127,39 @@ def calibrate_layer(
     tie_shared_inputs(linears, info.family)
     check_calibrated(layer, info.prefix)
     return report
+
+
+def _report_after(
+    report: dict[str, dict[str, Any]], linears: dict[str, QuantLinear], stats: dict[str, InputStats],
+    originals: dict[str, Tensor], info: LayerInfo,
+) -> None:  # fmt: skip
+    for n, lin in linears.items():
+        if n in stats:
+            wq = lin.weight_quantizer(lin.weight.float())
+            report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
+            report[info.prefix + "." + n]["tokens"] = stats[n].n
+
+
+@contextlib.contextmanager
+def reference_pass(layer: nn.Module) -> Iterator[None]:
+    """A forward of the float layer on the float model's activations (GPTAQ's reference) inside the
+    statistics pass: the input hooks keep each Linear's input for the next forward of the same tokens;
+    quantizer statistics and routed token counts stay as they were."""
+    quantizers = [q for _, q in all_quantizers(layer)]
+    saved = [({n: t.clone() for n, t in q.stats().items()}, None if q.samples is None else len(q.samples))
+             for q in quantizers]  # fmt: skip
+    routed = [(m, list(m.routed)) for _, m in moe.expert_lists(layer)]
+    try:
+        with reference_inputs():
+            yield
+    finally:
+        for q, (kept, n_samples) in zip(quantizers, saved, strict=True):
+            for stat in STAT_NAMES:
+                setattr(q, stat, kept.get(stat))
+            if n_samples is not None and q.samples is not None:
+                del q.samples[n_samples:]
+        for m, counts in routed:
+            m.routed = counts
 
 
 def _observe(layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
@@ -402,6 +437,10 @@ def _gptq(
         if h is None:
             continue
         maps = _scale_maps(lin)
+        cross = stats[name].cross  # GPTAQ: the float model's inputs of these tokens were seen
+        target = lin.weight if cross is None else gptq.asymmetric_target(
+            lin.weight, h, cross, params.gptq_damp, params.gptaq_alpha
+        )
 
         def quantize_columns(cols: Tensor, idx: Tensor, maps: list[ScaleMap] = maps) -> Tensor:
             for m in maps:
@@ -409,23 +448,24 @@ def _gptq(
             return cols
 
         q, _ = gptq.gptq_quantize(
-            lin.weight, h, quantize_columns, block_size=params.gptq_block_size, damp=params.gptq_damp,
+            target, h, quantize_columns, block_size=params.gptq_block_size, damp=params.gptq_damp,
             act_order=params.gptq_act_order, name=f"{info.prefix}.{name}",
         )  # fmt: skip
-        q = _refit_scales(lin, q, h)
+        q = _refit_scales(lin, target, q, h)
         lin.weight.data = q.to(lin.weight.dtype)
         lin._qweight = None
     _round_to_storage_all(linears, info)
 
 
-def _refit_scales(lin: QuantLinear, q: Tensor, h: Tensor) -> Tensor:
-    """GPTQ's codes with each row's group scales refitted to them (search.refit_group_amax), for one-stage
-    symmetric group formats (INT4, NVFP4, MXFP4); the weight `q` again, on the refitted scales."""
+def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> Tensor:
+    """GPTQ's codes with each row's group scales refitted to them (search.refit_group_amax) towards GPTQ's
+    `target`, for one-stage symmetric group formats (INT4, NVFP4, MXFP4); the weight `q` again, on the
+    refitted scales."""
     qs = lin.weight_quantizer.quantizers()
     fmt = qs[0].fmt
     if len(qs) != 1 or fmt.granularity != "group" or not fmt.symmetric or qs[0].amax is None:
         return q
-    qs[0].amax, refitted = search.refit_group_amax(lin.weight, q, fmt, qs[0].amax, qs[0].global_amax, h)
+    qs[0].amax, refitted = search.refit_group_amax(target, q, fmt, qs[0].amax, qs[0].global_amax, h)
     return refitted
 
 

@@ -5,6 +5,11 @@ With H = E[x x^T] (in x in) and U the upper Cholesky factor of (H + damp * mean(
 j: q_j = Q(w_j), e_j = (w_j - q_j) / U_jj, and every later column k gets w_k -= e_j U_jk (lazily, in blocks
 of `block_size` columns). With `act_order` the columns go by descending diag(H); the scales are fixed from
 the whole weight beforehand (static groups), so every group keeps the scale it is stored with.
+
+GPTAQ (Li et al. 2025, "asymmetric calibration"): a layer of the quantized model reads inputs x_q that differ
+from the float model's x_f by the error of the layers before it. Minimising ||Q x_q - W x_f||^2 instead of
+||(Q - W) x_q||^2 over the tokens is GPTQ on the target W~ = W + W D H^-1 with D = E[(x_f - x_q) x_q^T]
+(`asymmetric_target`): ||Q x_q - W x_f||^2 = tr((Q - W~) H (Q - W~)^T) + const. With x_f = x_q it is W.
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ from lowbit.errors import LowbitError
 log = logging.getLogger(__name__)
 
 MAX_DAMP_TRIES = 6  # damp, 10 damp, ... before giving up
+
+
+def asymmetric_target(w: Tensor, hessian: Tensor, cross: Tensor, damp: float, alpha: float = 1.0) -> Tensor:
+    """GPTAQ's target W + alpha W D (H + lambda I)^-1 (float32), for D = `cross` = E[(x_f - x_q) x_q^T]
+    (in x in), lambda = damp * mean(diag H) as in GPTQ; alpha = 1 is the exact minimiser, smaller values
+    trust the correction less (GPTAQ's alpha, 0.25 there)."""
+    w = w.detach().float()
+    h = hessian.float()
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    h = h + damp * max(float(torch.diagonal(h).mean()), 1e-8) * eye
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return w  # GPTQ raises the damping for this Hessian itself; the symmetric target is then used
+    correction = torch.cholesky_solve((w @ cross.float()).t(), lower).t()  # (W D) H^-1, H symmetric
+    return w + alpha * correction
 
 
 def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "") -> tuple[Tensor, float]:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit import __version__
-from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data
+from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data, reference_pass
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
@@ -52,7 +52,7 @@ from lowbit.models.vision import Deepstack
 from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
-from lowbit.quant.recipe import Recipe, spec_to_dict
+from lowbit.quant.recipe import Recipe, algorithm_steps, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,8 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
     sequential = job.recipe.params.sequential
+    # GPTAQ: the float model's activations beside the quantized model's (the same tensors before layer 0)
+    reference = list(states) if _asymmetric(job, done) else None
     for i in bar:
         prefix, layer = f"{path}.{i}", job.layers[i]
         last = i + 1 == len(job.layers)
@@ -278,8 +280,13 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             _check_activations(states, prefix)
             info.prefix, info.storage_dtypes = prefix, orig_dtypes
             outputs = [] if job.uses_data and not sequential and not last else None
-            loop = _loop_over(states, outputs, job.forwards) if job.uses_data else None
+            reference_out: list[Tensor] = []
+            loop = _loop_over(states, outputs, job.forwards, reference, reference_out) if job.uses_data else None
             errors.update(calibrate_layer(layer, info, job.algorithm, job.recipe.params, loop))
+            if reference is not None and not last:
+                reference[:] = [(out, kw) for out, (_, kw) in zip(reference_out, states, strict=True)]
+                _inject(job, reference, i)
+            del reference_out
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
         if i >= done:
             state = layer.state_dict()
@@ -350,6 +357,21 @@ def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tup
     log.info("captured %d batches (%d with images) at %s", len(states), len(job.images), path)
     release(job.meta, skip=[path])  # nothing outside the layers is needed past layer 0's inputs
     return states
+
+
+def _asymmetric(job: _Job, done: int) -> bool:
+    """Whether this run keeps the float model's activations for GPTAQ."""
+    if "gptaq" not in algorithm_steps(job.algorithm) or not job.uses_data:
+        return False
+    if not job.recipe.params.sequential:
+        log.warning("gptaq with --no-sequential: every layer reads the float model's activations; it is gptq")
+        return False
+    if done:
+        raise LowbitError(
+            "--resume cannot rebuild the float model's activations that GPTAQ reads; run again without "
+            "--resume (or with --algorithm gptq)"
+        )
+    return True
 
 
 def _inject(job: _Job, states: list[tuple[Tensor, dict[str, Any]]], i: int) -> None:
@@ -423,12 +445,22 @@ def _loop_over(
     states: list[tuple[Tensor, dict[str, Any]]],
     outputs: list[Tensor] | None = None,
     forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    reference: list[tuple[Tensor, dict[str, Any]]] | None = None,
+    reference_out: list[Tensor] | None = None,
 ) -> Callable[[nn.Module], None]:
-    """The calibration loop over a layer's inputs; the first pass's outputs go to `outputs` if given."""
+    """The calibration loop over a layer's inputs; the first pass's outputs go to `outputs` if given. With
+    `reference` (GPTAQ: the float model's activations of the same batches), the first pass runs each batch
+    of it before the batch itself (`calibrate.reference_pass`) and puts those outputs in `reference_out`."""
 
     def loop(layer: nn.Module) -> None:
         record = outputs is not None and not outputs
-        for hidden, kwargs in states:
+        pair = reference is not None and reference_out is not None and not reference_out
+        for j, (hidden, kwargs) in enumerate(states):
+            if pair:
+                assert reference is not None and reference_out is not None
+                with reference_pass(layer), forwards():
+                    ref = layer(reference[j][0], **kwargs)
+                reference_out.append((ref[0] if isinstance(ref, tuple) else ref).to(hidden.dtype))
             with forwards():
                 out = layer(hidden, **kwargs)
             if record:

@@ -30,6 +30,8 @@ class InputStats:
     amax: Tensor | None = None
     abssum: Tensor | None = None
     hessian_sum: Tensor | None = field(default=None, repr=False)
+    cross_sum: Tensor | None = field(default=None, repr=False)  # sum (x_f - x_q) x_q^T (GPTAQ)
+    n_cross: int = 0
 
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
@@ -46,6 +48,21 @@ class InputStats:
             self.hessian_sum = torch.zeros(self.in_features, self.in_features, device=x.device)
         self.hessian_sum.addmm_(x.t(), x)
         self.n_hessian += x.shape[0]
+
+    @torch.no_grad()
+    def add_cross(self, x: Tensor, reference: Tensor) -> None:
+        """Accumulate (x_f - x_q) x_q^T for the float model's input `reference` of the same tokens as x."""
+        x = x.detach().reshape(-1, self.in_features).float()
+        e = reference.detach().reshape(-1, self.in_features).float() - x
+        if self.cross_sum is None:
+            self.cross_sum = torch.zeros(self.in_features, self.in_features, device=x.device)
+        self.cross_sum.addmm_(e.t(), x)
+        self.n_cross += x.shape[0]
+
+    @property
+    def cross(self) -> Tensor | None:
+        """E[(x_f - x_q) x_q^T] (in x in), None without a reference pass."""
+        return None if self.cross_sum is None else self.cross_sum / max(self.n_cross, 1)
 
     @property
     def absmean(self) -> Tensor:
@@ -66,6 +83,9 @@ class InputStats:
         if self.hessian_sum is not None:
             inv = 1.0 / s
             self.hessian_sum = self.hessian_sum * inv[:, None] * inv[None, :]
+        if self.cross_sum is not None:
+            inv = 1.0 / s
+            self.cross_sum = self.cross_sum * inv[:, None] * inv[None, :]
 
 
 def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
@@ -86,18 +106,40 @@ def _same(a: Tensor, b: Tensor) -> bool:
     )  # fmt: skip
 
 
+class _Reference:
+    active = False
+
+
+@contextmanager
+def reference_inputs() -> Iterator[None]:
+    """Forward passes in this context give each Linear's input of the float model (GPTAQ's reference, the
+    same tokens as the next forward): `collect_inputs` keeps them for that forward's cross statistics and
+    records nothing else from them."""
+    _Reference.active = True
+    try:
+        yield
+    finally:
+        _Reference.active = False
+
+
 @contextmanager
 def collect_inputs(
     linears: Mapping[str, nn.Module], hessian_rows: int | None
 ) -> Iterator[dict[str, InputStats]]:
     """Hooks that fill {name: InputStats} while the caller runs forward passes. Linears called with the very
     same tensor object as one of the last few Linears (q/k/v, gate/up, every expert of a MoE block during
-    calibration) share that one's InputStats, so a shared input is accumulated once."""
+    calibration) share that one's InputStats, so a shared input is accumulated once. A forward under
+    `reference_inputs()` before a forward adds E[(x_f - x_q) x_q^T] (`InputStats.cross`)."""
     stats: dict[str, InputStats] = {}
     recent: list[tuple[Tensor, InputStats]] = []  # kept alive, so identity is reliable
+    pending: dict[str, Tensor] = {}  # the reference input of each Linear, until its next forward
 
     def hook(name: str, args: tuple[Tensor, ...]) -> None:
         x = args[0]
+        if _Reference.active:
+            pending[name] = x.detach()
+            return
+        reference = pending.pop(name, None)
         seen = next((i for i, (t, _) in enumerate(recent) if _same(t, x)), None)
         if seen is not None:
             shared = recent.pop(seen)
@@ -107,6 +149,8 @@ def collect_inputs(
                 return
         own = stats.setdefault(name, InputStats(x.shape[-1], hessian_rows))
         own.add(x)
+        if reference is not None and reference.shape == x.shape:
+            own.add_cross(x, reference)
         if seen is None:
             recent.append((x, own))
             del recent[:-RECENT_INPUTS]
@@ -116,5 +160,6 @@ def collect_inputs(
         yield stats
     finally:
         recent.clear()
+        pending.clear()
         for h in handles:
             h.remove()

@@ -337,16 +337,18 @@ def scale_map(
 ) -> ScaleMap:
     """The scales `quantize(x, fmt, amax, global_amax, amin)` uses, expanded to x's shape (2-D x)."""
     q = quantize(x, fmt, amax, global_amax, amin)
-    blocks = to_blocks(torch.zeros_like(x, dtype=torch.float32), fmt)
+    eff = expand_to(_effective(q.scale, q.global_scale), fmt, x.shape)
+    zero = expand_to(q.zero_point, fmt, x.shape).contiguous() if q.zero_point is not None else None
+    return ScaleMap(fmt, eff.contiguous(), zero)
 
-    def expand(t: Tensor) -> Tensor:
-        if fmt.granularity == "tensor":
-            return t.expand(x.shape).float()
-        return from_blocks(t.reshape(*t.shape, 1).float().expand(blocks.shape), fmt, x.shape)
 
-    eff = _effective(q.scale, q.global_scale)
-    zero = expand(q.zero_point) if q.zero_point is not None else None
-    return ScaleMap(fmt, expand(eff).contiguous(), zero.contiguous() if zero is not None else None)
+def expand_to(t: Tensor, fmt: ScaledFormat, shape: torch.Size) -> Tensor:
+    """A tensor of fmt's scale shape for a tensor of `shape`, each block's value repeated over its elements
+    (float32; differentiable)."""
+    if fmt.granularity == "tensor":
+        return t.float().expand(shape)
+    blocks = to_blocks(torch.empty(shape, device="meta"), fmt).shape
+    return from_blocks(t.reshape(*t.shape, 1).float().expand(blocks), fmt, shape)
 
 
 def _effective(scale: Tensor, global_scale: Tensor | None) -> Tensor:

@@ -42,6 +42,7 @@ ALGORITHM_STEPS = (
     "awq_clip",
     "awq_full",
     "gptq",
+    "gptaq",
     "mse",
     "percentile",
     "none",
@@ -64,6 +65,7 @@ class AlgorithmParams:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     gptq_act_order: bool = True  # columns by descending diag(H), with static groups
+    gptaq_alpha: float = 0.25  # GPTAQ: fraction of the float-input correction W D H^-1 in GPTQ's target
     percentile: float = 99.99  # activation amax percentile ("percentile" step)
     # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
     # model's activations (one pass per layer instead of two, as ModelOpt does)
@@ -96,6 +98,8 @@ def algorithm_steps(name: str) -> frozenset[str]:
     found = frozenset(steps)
     if "smoothquant" in found and found & {"awq_lite", "awq_full"}:
         raise LowbitError(f"{name!r}: SmoothQuant and AWQ both smooth; choose one of them")
+    if {"gptq", "gptaq"} <= found:
+        raise LowbitError(f"{name!r}: GPTAQ is GPTQ with the float model's inputs; choose one of them")
     if "none" in found and len(found) > 1:
         raise LowbitError(f"{name!r}: 'none' (no calibration) cannot be combined with other steps")
     return found
