@@ -33,27 +33,34 @@ def asymmetric_target(w: Tensor, hessian: Tensor, cross: Tensor, damp: float, al
     trust the correction less (GPTAQ's alpha, 0.25 there)."""
     w = w.detach().float()
     h = hessian.float()
-    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
-    h = h + damp * max(float(torch.diagonal(h).mean()), 1e-8) * eye
-    lower, info = torch.linalg.cholesky_ex(h)
+    lower, info = torch.linalg.cholesky_ex(_damped(h, damp * max(float(torch.diagonal(h).mean()), 1e-8)))
     if int(info) != 0:
         return w  # GPTQ raises the damping for this Hessian itself; the symmetric target is then used
     correction = torch.cholesky_solve((w @ cross.float()).t(), lower).t()  # (W D) H^-1, H symmetric
     return w + alpha * correction
 
 
+def _damped(hessian: Tensor, lam: float) -> Tensor:
+    """H + lam I as a new matrix (no identity matrix built)."""
+    h = hessian.clone()
+    h.diagonal().add_(lam)
+    return h
+
+
 def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "") -> tuple[Tensor, float]:
     """(U upper-triangular with U^T U = (H + lambda I)^-1, the damping fraction used). On a Cholesky failure
     the damping is raised tenfold and retried; after MAX_DAMP_TRIES a LowbitError, never garbage."""
     diag_mean = float(torch.diagonal(hessian).mean())
-    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     frac = damp
     for _ in range(MAX_DAMP_TRIES):
-        h = hessian + frac * max(diag_mean, 1e-8) * eye
-        lower, info = torch.linalg.cholesky_ex(h)
+        # at most three in x in matrices at a time (the caller's H, then two): each is freed once the next
+        # exists, and the damping goes on the diagonal in place
+        lower, info = torch.linalg.cholesky_ex(_damped(hessian, frac * max(diag_mean, 1e-8)))
         if int(info) == 0:
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and torch.isfinite(upper).all():
                 if frac != damp:
                     log.warning(
@@ -88,8 +95,9 @@ def gptq_quantize(
     perm = (
         torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n, device=w.device)
     )
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h = w[:, perm], h[perm[:, None], perm]
     u, used = inverse_hessian_factor(h, damp, name)
+    del h
     q = torch.zeros_like(w)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
