@@ -239,3 +239,16 @@ def test_collect_inputs_gathers_the_cross_statistic_of_a_reference_pass():
     assert st.n == 32 and st.n_cross == 16
     torch.testing.assert_close(st.cross, (x_f - x_q).t() @ x_q / 16)
     torch.testing.assert_close(st.hessian, 2 * x_q.t() @ x_q / 32)
+
+
+def test_a_reference_pass_leaves_the_quantizer_statistics_as_they_were():
+    from lowbit.algorithms.calibrate import reference_pass
+    from lowbit.formats.scaled import FP8_TENSOR
+    from lowbit.quant.linear import QuantLinear, QuantSpec
+
+    lin = QuantLinear(nn.Linear(8, 4, bias=False), QuantSpec((INT4_G32.replace(group_size=8),), FP8_TENSOR))
+    lin.calibrating = True
+    lin(torch.ones(2, 8))
+    with reference_pass(lin):
+        lin(10 * torch.ones(2, 8))  # larger inputs: a leak would raise the input amax
+    assert float(lin.input_quantizer.amax) == 1.0
