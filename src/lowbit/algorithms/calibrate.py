@@ -116,7 +116,11 @@ def calibrate_layer(
         _gptq(
             linears, stats, info, params
         )  # activation scales stay those of the float layer, as in the peers
-    _report_after(report, linears, stats, originals, info)
+    for n, lin in linears.items():
+        if n in stats:
+            wq = lin.weight_quantizer(lin.weight.float())
+            report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
+            report[info.prefix + "." + n]["tokens"] = stats[n].n
     del originals
     if repass:
         _reset_activation_stats(layer)
@@ -127,17 +131,6 @@ def calibrate_layer(
     tie_shared_inputs(linears, info.family)
     check_calibrated(layer, info.prefix)
     return report
-
-
-def _report_after(
-    report: dict[str, dict[str, Any]], linears: dict[str, QuantLinear], stats: dict[str, InputStats],
-    originals: dict[str, Tensor], info: LayerInfo,
-) -> None:  # fmt: skip
-    for n, lin in linears.items():
-        if n in stats:
-            wq = lin.weight_quantizer(lin.weight.float())
-            report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
-            report[info.prefix + "." + n]["tokens"] = stats[n].n
 
 
 @contextlib.contextmanager

@@ -34,8 +34,9 @@ def asymmetric_target(w: Tensor, hessian: Tensor, cross: Tensor, damp: float, al
     w = w.detach().float()
     h = hessian.float()
     lower, info = torch.linalg.cholesky_ex(_damped(h, damp * max(float(torch.diagonal(h).mean()), 1e-8)))
-    if int(info) != 0:
-        return w  # GPTQ raises the damping for this Hessian itself; the symmetric target is then used
+    if int(info) != 0:  # GPTQ raises the damping for this Hessian itself
+        log.warning("GPTAQ: Hessian not positive definite at damp %g; GPTQ's own target W is used", damp)
+        return w
     correction = torch.cholesky_solve((w @ cross.float()).t(), lower).t()  # (W D) H^-1, H symmetric
     return w + alpha * correction
 

@@ -80,11 +80,10 @@ class InputStats:
             self.amax = self.amax / s
         if self.abssum is not None:
             self.abssum = self.abssum / s
+        inv = 1.0 / s
         if self.hessian_sum is not None:
-            inv = 1.0 / s
             self.hessian_sum = self.hessian_sum * inv[:, None] * inv[None, :]
         if self.cross_sum is not None:
-            inv = 1.0 / s
             self.cross_sum = self.cross_sum * inv[:, None] * inv[None, :]
 
 
