@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPTAQ: fraction of the correction towards the float model's inputs (default 0.25)",
     )  # fmt: skip
     q.add_argument(
+        "--gptaq-routers", action=argparse.BooleanOptionalAction, default=None,
+        help="GPTAQ: refit MoE routers (kept in high precision) to the float model's logits (default on)",
+    )  # fmt: skip
+    q.add_argument(
         "--gptq-act-order",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -237,6 +241,7 @@ def _recipe(args: argparse.Namespace) -> Any:
         "gptq_damp",
         "gptq_block_size",
         "gptaq_alpha",
+        "gptaq_routers",
         "gptq_act_order",
         "percentile",
         "sequential",

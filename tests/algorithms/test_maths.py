@@ -252,3 +252,41 @@ def test_a_reference_pass_leaves_the_quantizer_statistics_as_they_were():
     with reference_pass(lin):
         lin(10 * torch.ones(2, 8))  # larger inputs: a leak would raise the input amax
     assert float(lin.input_quantizer.amax) == 1.0
+
+
+def test_router_refit_is_the_ridge_least_squares_fit_to_the_float_logits():
+    """A router reading x_q = x_f + error gets the weight that maps x_q closest to the float logits W x_f."""
+    from lowbit.algorithms import routers
+
+    class Block(nn.Module):  # a router in a block, as transformers' MoE blocks hold it
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(32, 6, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gate(x)
+
+    torch.manual_seed(0)
+    block = Block()
+    w = block.gate.weight.detach().clone()
+    x_f = [_correlated_inputs(512, 32, seed=s) for s in range(3)]
+    noise = torch.randn(32, 32) / 32**0.5
+    x_q = [x + 0.3 * x @ noise for x in x_f]  # a systematic (linear) input error, which a fit can undo
+    found = routers.find_routers(block, "gate")
+    assert list(found) == ["gate"]
+    with routers.record_targets(found) as fits:
+        for x in x_f:
+            with stats_module.reference_inputs():
+                block(x)
+            block(x + 1.0)  # the quantized model's own forward: no target recorded
+    assert [t.shape for t in fits["gate"].targets] == [(512, 6)] * 3
+    report = routers.refit(found, fits, lambda m: [m(x) for x in x_q], block, damp=0.0)
+    xq, z = torch.cat(x_q), torch.cat(x_f) @ w.t()
+    exact = torch.linalg.lstsq(xq, z).solution.t()
+    torch.testing.assert_close(block.gate.weight, exact, rtol=1e-3, atol=1e-3)
+    before = (xq @ w.t() - z).pow(2).sum() / z.pow(2).sum()
+    after = (xq @ block.gate.weight.detach().t() - z).pow(2).sum() / z.pow(2).sum()
+    assert report["gate"]["tokens"] == 3 * 512
+    assert report["gate"]["before"] == pytest.approx(float(before), rel=1e-3)
+    assert report["gate"]["after"] == pytest.approx(float(after), rel=1e-2, abs=1e-6)
+    assert after < 0.01 * before

@@ -200,3 +200,48 @@ def test_gptaq_reference_passes_leave_the_routed_counts_and_input_scales(tiny_fa
     layer0 = [k for k in s_q if k.startswith("model.layers.0.") and "input_quantizer" in k]
     assert layer0 and all(torch.equal(s_q[k], s_a[k]) for k in layer0)
     assert sum(m_a["errors"][f"model.layers.0.mlp.experts.{e}.w1"]["routed_tokens"] for e in range(4)) == 8 * 32 * 2
+
+
+def test_gptaq_refits_the_routers_to_the_float_model_logits(tiny_factory, text_file, tokenizer_dir, tmp_path):
+    """With GPTAQ each router (kept in high precision) is refitted so that on the quantized model's own
+    hidden states it gives logits closer to the float model's; --no-gptaq-routers keeps the source's."""
+    from transformers import AutoTokenizer
+
+    from lowbit.data.text import calibration_windows
+
+    src = tiny_factory("mixtral", 2)
+    runs = {}
+    for flag in ("--gptaq-routers", "--no-gptaq-routers"):
+        out = tmp_path / flag
+        args = ["quantize", "--model", str(src), "--qformat", "int4_awq", "--algorithm", "gptaq", flag,
+                "--calib-data", str(text_file), "--calib-size", "8", "--calib-seq-len", "32",
+                "--output", str(out), "-q"]  # fmt: skip
+        assert main(args) == 0
+        runs[flag] = (json.loads((out / "lowbit.json").read_text()), load_model(out)[0].eval())
+    ids = calibration_windows(text_file, AutoTokenizer.from_pretrained(tokenizer_dir), 8, 32)
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    routers = [f"model.layers.{i}.mlp.gate" for i in range(2)]
+
+    def router_logits(model):
+        got = {}
+        hooks = [model.get_submodule(r).register_forward_hook(lambda m, a, out, r=r: got.update({r: out[0]}))
+                 for r in routers]  # fmt: skip
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        return got
+
+    ref = router_logits(original)
+    fitted, kept = (router_logits(runs[f][1]) for f in ("--gptaq-routers", "--no-gptaq-routers"))
+    manifest = runs["--gptaq-routers"][0]
+    for r in routers:
+        err = {k: float((v[r] - ref[r]).pow(2).sum() / ref[r].pow(2).sum()) for k, v in (("fit", fitted),
+                                                                                          ("kept", kept))}  # fmt: skip
+        assert err["fit"] < 0.8 * err["kept"], (r, err)
+        report = manifest["errors"][r]
+        assert report["after"] < report["before"] and report["tokens"] == 8 * 32
+        assert report["after"] == pytest.approx(err["fit"], rel=0.05)  # the report measures what it did
+        src_weight = original.get_submodule(r).weight
+        assert torch.equal(runs["--no-gptaq-routers"][1].get_submodule(r).weight, src_weight)
+        assert r not in runs["--no-gptaq-routers"][0]["errors"]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.algorithms import gptq, search, smoothing
+from lowbit.algorithms import gptq, routers, search, smoothing
 from lowbit.algorithms.stats import InputStats, collect_inputs, output_error, reference_inputs
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
@@ -99,7 +99,9 @@ def calibrate_layer(
     full_h = bool(steps & {"awq_lite", "awq_full", "awq_clip", "gptq", "gptaq"})
     sample = "percentile" in steps
     _set_sampling(layer, sample)
-    with collect_inputs(linears, None if full_h else REPORT_ROWS) as stats:
+    moe_routers = _routers(layer, info) if "gptaq" in steps and params.gptaq_routers else {}
+    with collect_inputs(linears, None if full_h else REPORT_ROWS) as stats, \
+            routers.record_targets(moe_routers) as router_fits:  # fmt: skip
         _observe(layer, forward_loop)
     report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
               for n, lin in linears.items() if n in stats}  # fmt: skip
@@ -130,7 +132,15 @@ def calibrate_layer(
     _set_sampling(layer, False)
     tie_shared_inputs(linears, info.family)
     check_calibrated(layer, info.prefix)
+    if router_fits:  # GPTAQ aims the routers at the float model's logits too, on the quantized layer's inputs
+        fitted = routers.refit(moe_routers, router_fits, forward_loop, layer, params.gptq_damp, info.storage_dtypes)
+        report.update({f"{info.prefix}.{n}" if info.prefix else n: r for n, r in fitted.items()})
     return report
+
+
+def _routers(layer: nn.Module, info: LayerInfo) -> dict[str, nn.Module]:
+    moe_facts = info.family.moe if info.family is not None else None
+    return routers.find_routers(layer, moe_facts.router) if moe_facts is not None else {}
 
 
 @contextlib.contextmanager

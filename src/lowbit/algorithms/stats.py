@@ -109,6 +109,11 @@ class _Reference:
     active = False
 
 
+def in_reference() -> bool:
+    """Whether the forward now running is a reference pass (the float model's activations)."""
+    return _Reference.active
+
+
 @contextmanager
 def reference_inputs() -> Iterator[None]:
     """Forward passes in this context give each Linear's input of the float model (GPTAQ's reference, the

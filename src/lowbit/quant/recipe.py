@@ -66,6 +66,7 @@ class AlgorithmParams:
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     gptq_act_order: bool = True  # columns by descending diag(H), with static groups
     gptaq_alpha: float = 0.25  # GPTAQ: fraction of the float-input correction W D H^-1 in GPTQ's target
+    gptaq_routers: bool = True  # GPTAQ: refit MoE routers (high precision) to the float model's logits
     percentile: float = 99.99  # activation amax percentile ("percentile" step)
     # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
     # model's activations (one pass per layer instead of two, as ModelOpt does)
