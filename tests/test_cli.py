@@ -1,6 +1,7 @@
 """The command line: end to end on tiny models, and every bad input gives one line, exit 2, no output."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -255,3 +256,15 @@ def test_bad_algorithm_is_a_one_line_error(tiny_llama, text_file, tmp_path, caps
         capsys, *_quant_args(tiny_llama, text_file, tmp_path / "x", "--qformat", "int4_awq", *flag)
     )
     assert code == 2 and message in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
+def test_cli_asks_torch_for_huge_pages_unless_the_user_chose(monkeypatch, given, expected):
+    """THP_MEM_ALLOC_ENABLE (read by torch at its first allocation) defaults to on for lowbit's commands."""
+    if given is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == expected

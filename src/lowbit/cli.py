@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Transparent huge pages for torch's CPU tensors of 2 MB and more (read by torch at its first allocation,
+    # so only before torch is imported): lowbit returns every freed block of 1 MB or more to the OS
+    # (models.loading.bound_heap), and with 4 kB pages touching them again costs a page fault per 4 kB
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "qat":  # key=value overrides may come before or after the options
