@@ -2,7 +2,7 @@
 
 Runs `quantize_checkpoint` in this process with the arguments `lowbit quantize --qformat fp8 --device cpu`
 uses, and wraps, from outside (lowbit's code is not changed), the phases that `layerwise.py` calls:
-`_capture_inputs`, `materialize`, `calibrate_max`, `_advance` and `CheckpointWriter.write_layer`. A thread
+`_capture_inputs`, `materialize`, `calibrate_layer`, `_advance` and `CheckpointWriter.write_layer`. A thread
 samples this process's RSS every few milliseconds; for each phase it prints the RSS before and after and
 the highest sample during it. At the start of each decoder layer it also prints the bytes of all live CPU
 tensors (found with `gc`, each storage counted once): if RSS grows from layer to layer while live tensor
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return wrapper
 
-    for name in ("_capture_inputs", "materialize", "calibrate_max", "_advance"):
+    for name in ("_capture_inputs", "materialize", "calibrate_layer", "_advance"):
         setattr(layerwise, name, traced(name, getattr(layerwise, name)))
     CheckpointWriter.write_layer = traced("write_layer", CheckpointWriter.write_layer)  # type: ignore[method-assign]
 

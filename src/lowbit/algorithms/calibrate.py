@@ -108,22 +108,21 @@ def calibrate_layer(
     _report_routing(layer, info, report)
     smoothed = _smooth(layer, linears, stats, info, steps, params)
     repass = _rescale_activation_stats(layer, linears, stats, smoothed)
-    originals = {n: lin.weight.detach().float().clone() for n, lin in linears.items()}
     _weight_scales(linears, stats, info, steps, params)
     tie_fused_scales(linears, info.family)
     if "gptaq" in steps and not any(st.cross is not None for st in stats.values()):
         log.warning("%s: gptaq without the float model's activations (whole-model calibration, or "
                     "--no-sequential) is gptq", info.prefix or "model")  # fmt: skip
-    if steps & {"gptq", "gptaq"}:
-        _gptq(
-            linears, stats, info, params
-        )  # activation scales stay those of the float layer, as in the peers
+    # GPTQ replaces the weights: it measures each one against the weight it started from (one Linear at a
+    # time, no copy of the layer); the other steps change scales only. Activation scales stay those of the
+    # float layer, as in the peers.
+    after = _gptq(linears, stats, info, params) if steps & {"gptq", "gptaq"} else {}
     for n, lin in linears.items():
         if n in stats:
+            entry = report[info.prefix + "." + n]
             wq = lin.weight_quantizer(lin.weight.float())
-            report[info.prefix + "." + n]["after"] = _rel_error(wq, originals[n], stats[n])
-            report[info.prefix + "." + n]["tokens"] = stats[n].n
-    del originals
+            entry["after"] = after[n] if n in after else _rel_error(wq, lin.weight, stats[n])
+            entry["tokens"] = stats[n].n
     if repass:
         _reset_activation_stats(layer)
         _observe(layer, forward_loop)
@@ -434,7 +433,9 @@ def _set_first_amax(lin: QuantLinear, amax: Tensor) -> None:
 
 def _gptq(
     linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, params: AlgorithmParams
-) -> None:
+) -> dict[str, float]:
+    """GPTQ (or GPTAQ) on every Linear with a Hessian; {name: its output error against its weight before}."""
+    errors = {}
     for name, lin in linears.items():
         h = stats[name].hessian if name in stats else None
         if h is None:
@@ -455,9 +456,13 @@ def _gptq(
             act_order=params.gptq_act_order, name=f"{info.prefix}.{name}",
         )  # fmt: skip
         q = _refit_scales(lin, target, q, h)
-        lin.weight.data = q.to(lin.weight.dtype)
+        before = lin.weight.detach()  # keeps the weight GPTQ started from until its error is measured
+        dt = (info.storage_dtypes or {}).get(f"{name}.weight")
+        lin.weight.data = (q if dt is None else q.to(dt)).to(lin.weight.dtype)  # what the checkpoint stores
         lin._qweight = None
-    _round_to_storage_all(linears, info)
+        errors[name] = _rel_error(lin.weight_quantizer(lin.weight.float()), before, stats[name])
+        del before, target, q
+    return errors
 
 
 def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> Tensor:
@@ -472,13 +477,6 @@ def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> Ten
     return refitted
 
 
-def _round_to_storage_all(linears: dict[str, QuantLinear], info: LayerInfo) -> None:
-    if not info.storage_dtypes:
-        return
-    for name, lin in linears.items():
-        dt = info.storage_dtypes.get(f"{name}.weight")
-        if dt is not None and dt != lin.weight.dtype:
-            lin.weight.data = lin.weight.data.to(dt).to(lin.weight.dtype)
 
 
 def _scale_maps(lin: QuantLinear) -> list[ScaleMap]:
