@@ -290,3 +290,23 @@ def test_router_refit_is_the_ridge_least_squares_fit_to_the_float_logits():
     assert report["gate"]["before"] == pytest.approx(float(before), rel=1e-3)
     assert report["gate"]["after"] == pytest.approx(float(after), rel=1e-2, abs=1e-6)
     assert after < 0.01 * before
+
+
+def test_report_statistics_keep_rows_until_a_hessian_is_smaller_and_measure_the_same_error():
+    """With hessian_rows (the error report only), a wide input keeps its sampled rows instead of the in x in
+    Hessian while they are fewer than in_features; tr(D H D^T) is the same either way."""
+    torch.manual_seed(0)
+    delta = torch.randn(16, 64)
+    batches = [torch.randn(40, 64) for _ in range(4)]
+    st, full = InputStats(64, hessian_rows=20), InputStats(64)
+    s = torch.rand(64) + 0.5
+    for i, x in enumerate(batches):
+        st.add(x)
+        full.add(x[torch.linspace(0, 39, 20).long()])
+        assert (st.hessian_sum is None) == (20 * (i + 1) < 64), i  # rows for 3 batches, then the Hessian
+        torch.testing.assert_close(st.output_error(delta), output_error(delta, full.hessian))
+        torch.testing.assert_close(st.hessian, full.hessian)
+        if i == 1:  # smoothing's rescale, in the rows phase
+            st.scale_inputs(s)
+            full.scale_inputs(s)
+            torch.testing.assert_close(st.output_error(delta), output_error(delta, full.hessian))

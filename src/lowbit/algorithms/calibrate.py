@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms import gptq, routers, search, smoothing
-from lowbit.algorithms.stats import InputStats, collect_inputs, output_error, reference_inputs
+from lowbit.algorithms.stats import InputStats, collect_inputs, reference_inputs
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
 from lowbit.models import moe
@@ -231,11 +231,11 @@ def _rtn(linear: QuantLinear) -> Tensor:
 
 
 def _rel_error(wq: Tensor, w: Tensor, stats: InputStats) -> float:
-    h = stats.hessian
-    if h is None:
-        return _weight_error(wq, w)
     w = w.detach().float()
-    return float(output_error(wq.float() - w, h) / output_error(w, h).clamp(min=1e-30))
+    err, energy = stats.output_error(wq.float() - w), stats.output_error(w)
+    if err is None or energy is None:
+        return _weight_error(wq, w)
+    return float(err / energy.clamp(min=1e-30))
 
 
 def _weight_error(wq: Tensor, w: Tensor) -> float:

@@ -30,6 +30,9 @@ class InputStats:
     amax: Tensor | None = None
     abssum: Tensor | None = None
     hessian_sum: Tensor | None = field(default=None, repr=False)
+    # with hessian_rows: the sampled rows themselves while they are fewer than in_features (smaller than the
+    # in x in Hessian; the error report of a wide Linear such as down_proj needs no 127 MB matrix)
+    rows: list[Tensor] = field(default_factory=list, repr=False)
     cross_sum: Tensor | None = field(default=None, repr=False)  # sum (x_f - x_q) x_q^T (GPTAQ)
     n_cross: int = 0
 
@@ -44,10 +47,16 @@ class InputStats:
             self.hessian_rows is not None and x.shape[0] > self.hessian_rows
         ):  # evenly spaced tokens of this batch
             x = x[torch.linspace(0, x.shape[0] - 1, self.hessian_rows, device=x.device).long()]
+        self.n_hessian += x.shape[0]
+        if self.hessian_rows is not None and self.hessian_sum is None and self.n_hessian < self.in_features:
+            self.rows.append(x.clone())
+            return
         if self.hessian_sum is None:
             self.hessian_sum = torch.zeros(self.in_features, self.in_features, device=x.device)
+            for r in self.rows:
+                self.hessian_sum.addmm_(r.t(), r)
+            self.rows = []
         self.hessian_sum.addmm_(x.t(), x)
-        self.n_hessian += x.shape[0]
 
     @torch.no_grad()
     def add_cross(self, x: Tensor, reference: Tensor) -> None:
@@ -72,7 +81,20 @@ class InputStats:
     @property
     def hessian(self) -> Tensor | None:
         """E[x x^T] over the tokens seen (fp32, in x in)."""
+        if self.rows:
+            x = torch.cat(self.rows)
+            return x.t() @ x / max(self.n_hessian, 1)
         return None if self.hessian_sum is None else self.hessian_sum / max(self.n_hessian, 1)
+
+    def output_error(self, delta: Tensor) -> Tensor | None:
+        """tr(D H D^T) for a weight change D (out, in) on these inputs; None without a Hessian."""
+        if self.rows:
+            total = torch.zeros((), device=delta.device)
+            for r in self.rows:
+                total += (r @ delta.t()).pow(2).sum()
+            return total / max(self.n_hessian, 1)
+        h = self.hessian
+        return None if h is None else output_error(delta, h)
 
     def scale_inputs(self, s: Tensor) -> None:
         """The statistics of x / s (after smoothing folds 1/s into the input)."""
@@ -83,6 +105,7 @@ class InputStats:
         inv = 1.0 / s
         if self.hessian_sum is not None:
             self.hessian_sum = self.hessian_sum * inv[:, None] * inv[None, :]
+        self.rows = [r * inv for r in self.rows]
         if self.cross_sum is not None:
             self.cross_sum = self.cross_sum * inv[:, None] * inv[None, :]
 
