@@ -120,8 +120,10 @@ def calibrate_layer(
     for n, lin in linears.items():
         if n in stats:
             entry = report[info.prefix + "." + n]
-            wq = lin.weight_quantizer(lin.weight.float())
-            entry["after"] = after[n] if n in after else _rel_error(wq, lin.weight, stats[n])
+            if n in after:
+                entry["after"] = after[n]
+            else:
+                entry["after"] = _rel_error(lin.weight_quantizer(lin.weight.float()), lin.weight, stats[n])
             entry["tokens"] = stats[n].n
     if repass:
         _reset_activation_stats(layer)
@@ -475,8 +477,6 @@ def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> Ten
         return q
     qs[0].amax, refitted = search.refit_group_amax(target, q, fmt, qs[0].amax, qs[0].global_amax, h)
     return refitted
-
-
 
 
 def _scale_maps(lin: QuantLinear) -> list[ScaleMap]:
