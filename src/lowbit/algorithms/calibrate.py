@@ -380,8 +380,9 @@ def _weight_scales(
     no_clip = info.family.no_clip if info.family else ()
     for name, lin in linears.items():
         lin.calibrate_weight()
-        h = stats[name].hessian if name in stats else None
-        if clip and h is not None and name not in no_clip:
+        # only the clip search reads H (a report-only statistic would build it from its rows for nothing)
+        h = stats[name].hessian if clip and name in stats and name not in no_clip else None
+        if h is not None:
             _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios, h))
         elif "mse" in steps:
             _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios))
