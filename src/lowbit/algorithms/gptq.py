@@ -33,7 +33,7 @@ def asymmetric_target(w: Tensor, hessian: Tensor, cross: Tensor, damp: float, al
     trust the correction less (GPTAQ's alpha, 0.25 there)."""
     w = w.detach().float()
     h = hessian.float()
-    lower, info = torch.linalg.cholesky_ex(_damped(h, damp * max(float(torch.diagonal(h).mean()), 1e-8)))
+    lower, info = torch.linalg.cholesky_ex(damped(h, damp * max(float(torch.diagonal(h).mean()), 1e-8)))
     if int(info) != 0:  # GPTQ raises the damping for this Hessian itself
         log.warning("GPTAQ: Hessian not positive definite at damp %g; GPTQ's own target W is used", damp)
         return w
@@ -41,7 +41,7 @@ def asymmetric_target(w: Tensor, hessian: Tensor, cross: Tensor, damp: float, al
     return w + alpha * correction
 
 
-def _damped(hessian: Tensor, lam: float) -> Tensor:
+def damped(hessian: Tensor, lam: float) -> Tensor:
     """H + lam I as a new matrix (no identity matrix built)."""
     h = hessian.clone()
     h.diagonal().add_(lam)
@@ -56,7 +56,7 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "") -> tupl
     for _ in range(MAX_DAMP_TRIES):
         # at most three in x in matrices at a time (the caller's H, then two): each is freed once the next
         # exists, and the damping goes on the diagonal in place
-        lower, info = torch.linalg.cholesky_ex(_damped(hessian, frac * max(diag_mean, 1e-8)))
+        lower, info = torch.linalg.cholesky_ex(damped(hessian, frac * max(diag_mean, 1e-8)))
         if int(info) == 0:
             inv = torch.cholesky_inverse(lower)
             del lower

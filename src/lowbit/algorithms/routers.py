@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms.gptq import damped
 from lowbit.algorithms.stats import in_reference
 
 
@@ -113,9 +114,7 @@ def refit(
         w = param.detach().float()  # not fit.weight: smoothing may have scaled its columns since
         h, a = fit.h / fit.n, fit.a / fit.n
         lam = damp * max(float(torch.diagonal(h).mean()), 1e-8)
-        damped = h.clone()
-        damped.diagonal().add_(lam)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(damped(h, lam))
         if int(info) != 0:
             continue
         new = torch.cholesky_solve((a + lam * w).t(), lower).t()
