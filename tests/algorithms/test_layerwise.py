@@ -137,3 +137,24 @@ def test_gptq_stores_refitted_group_scales(tiny_llama, calib_ids, tmp_path):
     assert refitted.float().mean() > 0.5  # most rows took the least-squares fit
     w = lin.weight_quantizer(lin.weight.float())
     assert torch.equal(fake_quant(w, quantizer.fmt, amax=quantizer.amax), w)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc / Linux page-fault counters")
+def test_calibration_batches_reuse_their_temporaries_instead_of_faulting_fresh_pages():
+    import resource
+
+    from lowbit.models.loading import bound_heap, reused_heap
+
+    def faults_of_batches(n: int = 16) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            t = torch.ones(1 << 20)  # a 4 MB temporary, written once, as a batch's activations are
+            del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    bound_heap()  # the layer-by-layer driver's setting: blocks of 1 MB and more are mapped per use
+    outside = faults_of_batches()
+    with reused_heap():
+        inside = faults_of_batches()
+    assert outside > 16 * 500  # each 4 MB block faults its pages in again
+    assert inside < outside / 4

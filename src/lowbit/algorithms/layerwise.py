@@ -45,6 +45,7 @@ from lowbit.models.loading import (
     model_files_for_copy,
     release,
     resolve_model,
+    reused_heap,
     trim_heap,
 )
 from lowbit.models.moe import unfuse_experts
@@ -455,6 +456,10 @@ def _loop_over(
     def loop(layer: nn.Module) -> None:
         record = outputs is not None and not outputs
         pair = reference is not None and reference_out is not None and not reference_out
+        with reused_heap():
+            _loop(layer, record, pair)
+
+    def _loop(layer: nn.Module, record: bool, pair: bool) -> None:
         for j, (hidden, kwargs) in enumerate(states):
             if pair:
                 assert reference is not None and reference_out is not None
@@ -477,10 +482,11 @@ def _advance(
     forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> None:
     """Replace each batch's hidden states by the quantized layer's output."""
-    for j, (hidden, kwargs) in enumerate(states):
-        with forwards():
-            out = layer(hidden, **kwargs)
-        states[j] = ((out[0] if isinstance(out, tuple) else out).to(hidden.dtype), kwargs)
+    with reused_heap():
+        for j, (hidden, kwargs) in enumerate(states):
+            with forwards():
+                out = layer(hidden, **kwargs)
+            states[j] = ((out[0] if isinstance(out, tuple) else out).to(hidden.dtype), kwargs)
 
 
 def matmul_dtype(choice: str, stored: torch.dtype, device: torch.device) -> torch.dtype | None:

@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,15 +239,46 @@ def release(module: nn.Module, skip: Iterable[str] = ()) -> None:
     trim_heap()
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+TRIM_THRESHOLD = 128 << 10  # glibc's default
 
 
-def bound_heap(threshold: int = 1 << 20) -> None:
+def bound_heap(threshold: int = MMAP_THRESHOLD) -> None:
     """Serve allocations of `threshold` bytes and more by mmap, returned to the OS when freed. glibc's
     default threshold adapts upwards to the largest freed block, after which layer-sized tensors land in a
     heap that fragments and grows with depth (docs/results.md, memory benchmark)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+# measured (docs/results.md section 13): 8 MB takes a pydocs-llama SmoothQuant run from 12.2 to 7.6 s and keeps
+# the 8-layer synthetic model's fp8 peak (1.07 -> 1.08 GB); 32 MB gave 6.8 s but 1.20 GB
+BATCH_HEAP = 8 << 20
+
+
+@contextlib.contextmanager
+def reused_heap(threshold: int = BATCH_HEAP) -> Iterator[None]:
+    """Forward passes over calibration batches of one shape allocate the same temporaries batch after batch.
+    Inside this block, blocks under `threshold` bytes come from the heap and stay there when freed, so that
+    the next batch reuses their pages instead of mapping fresh ones (a page fault per 4 kB, a third of the wall
+    time of a SmoothQuant run of a small model); larger blocks stay mapped per use, as outside, so that a wide
+    model's layer temporaries do not fragment the heap. On exit the bound is restored and the freed pages go
+    back to the OS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        yield
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, threshold)
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 def trim_heap() -> None:
