@@ -106,6 +106,31 @@ def test_smoothed_input_amax_equals_a_fresh_pass_over_the_smoothed_model(tiny_ll
         torch.testing.assert_close(derived[name], lin.input_quantizer.amax, rtol=1e-4, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("name", ["fp8", "nvfp4", "int8_sq"])
+def test_input_statistics_from_the_input_hooks_equal_the_quantizers_own(tiny_llama, calib_ids, monkeypatch, name):
+    """The statistics pass takes per-tensor input amax (NVFP4: the global amax) from the hooks' per-channel
+    amax instead of letting each input quantizer observe its input again: bit-identical."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.algorithms import calibrate
+    from lowbit.quant.api import quantize
+    from lowbit.quant.convert import quant_linears
+
+    def input_stats(derive: bool) -> dict[str, dict[str, torch.Tensor]]:
+        if not derive:
+            monkeypatch.setattr(calibrate, "_derivable", lambda q: False)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        quantize(model, preset(name).with_algorithm("max"), lambda m: m(calib_ids))
+        return {n: lin.input_quantizer.stats() for n, lin in quant_linears(model)}
+
+    derived, observed = input_stats(True), input_stats(False)
+    assert derived.keys() == observed.keys() and all(derived.values())
+    for n in derived:
+        assert derived[n].keys() == observed[n].keys(), n
+        for stat, value in derived[n].items():
+            assert torch.equal(value, observed[n][stat]), (n, stat)
+
+
 def test_non_sequential_calibration_differs_and_stays_close(tmp_path, data):
     kl_seq, _ = _kl(tmp_path, data, "int4_awq", "gptq")
     kl_par, manifest = _kl(tmp_path / "par", data, "int4_awq", "gptq", sequential=False)

@@ -45,7 +45,7 @@ from lowbit.quant.convert import (
     set_calibrating,
 )
 from lowbit.quant.linear import QuantLinear
-from lowbit.quant.quantizer import STAT_NAMES
+from lowbit.quant.quantizer import STAT_NAMES, Quantizer
 from lowbit.quant.recipe import AlgorithmParams, algorithm_steps
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,12 @@ def calibrate_layer(
     sample = "percentile" in steps
     _set_sampling(layer, sample)
     moe_routers = _routers(layer, info) if "gptaq" in steps and params.gptaq_routers else {}
-    with collect_inputs(linears, None if full_h else REPORT_ROWS) as stats, \
-            routers.record_targets(moe_routers) as router_fits:  # fmt: skip
+    derived = [n for n, lin in linears.items() if not sample and _derivable(lin.input_quantizer)]
+    absmean = bool(steps & {"awq_lite", "awq_full"})
+    with collect_inputs(linears, None if full_h else REPORT_ROWS, absmean) as stats, \
+            routers.record_targets(moe_routers) as router_fits, _inputs_from_stats(linears, derived):  # fmt: skip
         _observe(layer, forward_loop)
+    _derive_input_stats(linears, stats, [n for n in derived if n in stats])
     report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
               for n, lin in linears.items() if n in stats}  # fmt: skip
     _report_routing(layer, info, report)
@@ -248,25 +251,52 @@ def _weight_error(wq: Tensor, w: Tensor) -> float:
 # --- smoothing ----------------------------------------------------------------------------------------------
 
 
+def _derivable(q: Quantizer | None) -> bool:
+    """Whether an input quantizer's static statistics are a function of its Linear's per-channel input amax:
+    a symmetric per-tensor amax is its max, NVFP4's dynamic blocks need only the global amax, the same max."""
+    if q is None or not q.fmt.symmetric:
+        return False
+    return (q.fmt.granularity == "tensor" and not q.fmt.dynamic) or (q.fmt.global_scale and q.fmt.dynamic)
+
+
+@contextlib.contextmanager
+def _inputs_from_stats(linears: dict[str, QuantLinear], names: list[str]) -> Iterator[None]:
+    """The statistics pass's input hooks see every input already: `names` skip their own observation."""
+    for n in names:
+        linears[n].observe_input = False
+    try:
+        yield
+    finally:
+        for n in names:
+            linears[n].observe_input = True
+
+
+def _derive_input_stats(linears: dict[str, QuantLinear], stats: dict[str, InputStats], names: list[str]) -> bool:
+    """Set the input statistics of `names` from their per-channel input amax (exact: a max of maxima); True if
+    some static statistic cannot be derived that way and needs a pass of its own."""
+    repass = False
+    for name in names:
+        q = linears[name].input_quantizer
+        if q is None:
+            continue
+        st_amax = stats[name].amax
+        assert st_amax is not None
+        if _derivable(q) and q.fmt.dynamic:
+            q.global_amax = st_amax.max().reshape(())
+        elif _derivable(q):
+            q.amax = st_amax.max().reshape(())
+        elif not q.fmt.dynamic:
+            repass = True
+    return repass
+
+
 def _rescale_activation_stats(
     layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], smoothed: list[Smooth]
 ) -> bool:
     """Set the input amax of smoothed linears from their rescaled per-channel statistics; True if some
     activation statistic cannot be derived that way and needs another pass."""
-    repass = False
+    repass = _derive_input_stats(linears, stats, [n for group in smoothed for n in group.linears])
     for group in smoothed:
-        for name in group.linears:
-            q = linears[name].input_quantizer
-            if q is None:
-                continue
-            st_amax = stats[name].amax
-            assert st_amax is not None
-            if q.fmt.granularity == "tensor" and q.fmt.symmetric and not q.fmt.dynamic:
-                q.amax = st_amax.max().reshape(())
-            elif q.fmt.global_scale and q.fmt.dynamic:
-                q.global_amax = st_amax.max().reshape(())
-            elif not q.fmt.dynamic:
-                repass = True
         if group.heads and any(n.rpartition(".")[2] in KV_QUANTIZERS for n, _ in all_quantizers(layer)):
             repass = True  # V itself was rescaled
     return repass

@@ -45,6 +45,7 @@ class QuantLinear(nn.Linear):
         self.register_buffer("_qweight", None, persistent=False)
         self._qweight_key: tuple[int, int] | None = None
         self.calibrating = False  # while True: observe inputs, compute with the float weight
+        self.observe_input = True  # False: the caller derives the input statistics from its own (calibrate.py)
         self.baked = False  # True once the weight holds its own fake-quantized values (see bake)
 
     def extra_repr(self) -> str:
@@ -86,7 +87,7 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating:
-            if self.input_quantizer is not None:
+            if self.input_quantizer is not None and self.observe_input:
                 self.input_quantizer.observe(x)
             return F.linear(x, self.weight, self.bias)
         if self.input_quantizer is not None:
