@@ -158,3 +158,15 @@ def test_calibration_batches_reuse_their_temporaries_instead_of_faulting_fresh_p
         inside = faults_of_batches()
     assert outside > 16 * 500  # each 4 MB block faults its pages in again
     assert inside < outside / 4
+
+
+def test_non_finite_calibration_activations_are_refused_and_large_finite_ones_are_not():
+    from lowbit.algorithms.layerwise import _check_activations
+
+    big = torch.full((2, 8, 4), 3e38)  # finite, but their sum overflows to inf
+    _check_activations([(big, {}), (torch.randn(2, 8, 4), {})], "model.layers.0")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        h = torch.randn(2, 8, 4)
+        h[1, 3, 2] = bad
+        with pytest.raises(LowbitError, match="NaN or Inf"):
+            _check_activations([(torch.randn(2, 8, 4), {}), (h, {})], "model.layers.3")

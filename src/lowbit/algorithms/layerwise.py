@@ -512,7 +512,8 @@ def _fast_bf16(device: torch.device) -> bool:
 
 def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str) -> None:
     for hidden, _ in states:
-        if not torch.isfinite(hidden).all():
+        # a NaN or Inf makes the sum non-finite; only then (or on an overflowing sum) look element by element
+        if not torch.isfinite(hidden.sum()) and not torch.isfinite(hidden).all():
             raise LowbitError(
                 f"{prefix}: NaN or Inf in its inputs during calibration; the model overflows "
                 "in this dtype or its weights are damaged: check the checkpoint"
