@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="calibrate each layer on the quantized layers' outputs (default) or on the float model's "
-        "(--no-sequential: one pass per layer, faster)",
+        help="calibrate each layer on the quantized layers' outputs or on the float model's (--no-sequential: "
+        "one pass per layer, twice as fast); default: sequential for AWQ / GPTQ, not for max / smoothquant",
     )
     q.add_argument(
         "--calib-dtype",

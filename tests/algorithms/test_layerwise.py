@@ -24,11 +24,16 @@ def test_layerwise_equals_in_memory_for_data_free_formats(tiny_llama, calib_ids,
         assert torch.equal(layerwise(ids).logits, reference(ids).logits)
 
 
-def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llama, calib_ids, tmp_path):
-    recipe = preset("fp8").with_params(calib_dtype="float32")  # fp32 forwards: the amax is reproduced exactly
+@pytest.mark.parametrize(("sequential", "manifest_says"), [(True, True), (None, False), (False, False)])
+def test_each_layer_is_calibrated_on_the_previous_quantized_outputs_when_sequential(
+    tiny_llama, calib_ids, tmp_path, sequential, manifest_says
+):
+    """Sequential: layer 1's input amax is the max over what the quantized layer 0 produced; not sequential
+    (the default for max): over the float model's layer-1 inputs."""
+    recipe = preset("fp8").with_params(calib_dtype="float32", sequential=sequential)  # fp32: amax reproduced
     out = quantize_checkpoint(tiny_llama, recipe, tmp_path / "fp8", calib_ids, batch_size=4, progress=False)
     model, manifest = load_model(out.output)
-    assert manifest["algorithm"] == "max"
+    assert manifest["algorithm"] == "max" and manifest["calibration_sequential"] is manifest_says
     seen: list[torch.Tensor] = []
     q_proj = model.model.layers[1].self_attn.q_proj
     handle = q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().amax()))
@@ -36,8 +41,6 @@ def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llam
         for batch in calib_ids.split(4):
             model(batch)
     handle.remove()
-    # the stored amax is the max over the inputs that the quantized layer 0 produced
-    assert torch.allclose(q_proj.input_quantizer.amax, torch.stack(seen).max(), rtol=1e-5)
     float_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     float_seen: list[torch.Tensor] = []
     float_model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
@@ -45,7 +48,22 @@ def test_each_layer_is_calibrated_on_quantized_outputs_of_the_previous(tiny_llam
     )
     with torch.no_grad():
         float_model(calib_ids)
-    assert not torch.allclose(q_proj.input_quantizer.amax, torch.stack(float_seen).max(), rtol=1e-6)
+    quantized_max, float_max = torch.stack(seen).max(), torch.stack(float_seen).max()
+    assert not torch.allclose(quantized_max, float_max, rtol=1e-6)
+    expected = quantized_max if manifest_says else float_max
+    assert torch.allclose(q_proj.input_quantizer.amax, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "explicit", "expected"),
+    [("max", None, False), ("smoothquant", None, False), ("none", None, False), ("percentile", None, False),
+     ("gptq", None, True), ("awq_full+gptq", None, True), ("awq_lite", None, True), ("smoothquant+gptq", None, True),
+     ("gptaq", None, True), ("max", True, True), ("gptq", False, False)],
+)  # fmt: skip
+def test_sequential_by_default_where_a_step_fits_weights_to_the_inputs(algorithm, explicit, expected):
+    from lowbit.quant.recipe import is_sequential
+
+    assert is_sequential(preset("fp8").with_params(sequential=explicit).params, algorithm) is expected
 
 
 def test_kv_cache_quantization_applies_after_rope_and_works_with_generate(tiny_llama, calib_ids, tmp_path):

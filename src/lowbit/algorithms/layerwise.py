@@ -53,7 +53,7 @@ from lowbit.models.vision import Deepstack
 from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
-from lowbit.quant.recipe import Recipe, algorithm_steps, spec_to_dict
+from lowbit.quant.recipe import Recipe, algorithm_steps, is_sequential, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     modules: dict[str, Any] = {}
     errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
-    sequential = job.recipe.params.sequential
+    sequential = is_sequential(job.recipe.params, job.algorithm)
     # GPTAQ: the float model's activations beside the quantized model's (the same tensors before layer 0)
     reference = list(states) if _asymmetric(job, done) else None
     for i in bar:
@@ -323,6 +323,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         "algorithm": job.algorithm,
         "calibration_data_used": job.uses_data,
         "calibration_matmul_dtype": str(job.matmul_dtype or job.compute_dtype).removeprefix("torch."),
+        "calibration_sequential": job.uses_data and is_sequential(job.recipe.params, job.algorithm),
         "errors": errors,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                         "image_samples": len(job.images), "sha256": job.writer.fingerprint["calib_sha256"]},
@@ -364,7 +365,7 @@ def _asymmetric(job: _Job, done: int) -> bool:
     """Whether this run keeps the float model's activations for GPTAQ."""
     if "gptaq" not in algorithm_steps(job.algorithm) or not job.uses_data:
         return False
-    if not job.recipe.params.sequential:
+    if not is_sequential(job.recipe.params, job.algorithm):
         log.warning("gptaq with --no-sequential: every layer reads the float model's activations; it is gptq")
         return False
     if done:

@@ -69,8 +69,10 @@ class AlgorithmParams:
     gptaq_routers: bool = True  # GPTAQ: refit MoE routers (high precision) to the float model's logits
     percentile: float = 99.99  # activation amax percentile ("percentile" step)
     # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
-    # model's activations (one pass per layer instead of two, as ModelOpt does)
-    sequential: bool = True
+    # model's activations (one pass per layer instead of two, as ModelOpt does); None: True where a step fits
+    # the weights to the layer's inputs (AWQ, GPTQ), False where only scales are observed (max, smoothquant:
+    # the same KL either way on pydocs-llama, in half the time; docs/results.md section 13)
+    sequential: bool | None = None
     # dtype of the matrix products in calibration's forward passes: "auto" = the checkpoint's own (a BF16
     # model runs bf16 products with fp32 accumulation, as on a GPU; 5x faster on AMX CPUs), "float32", or
     # "bfloat16". Weights, statistics and every algorithm's own arithmetic stay fp32 whatever this is.
@@ -85,6 +87,16 @@ class AlgorithmParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SEQUENTIAL_STEPS = frozenset({"awq_lite", "awq_clip", "awq_full", "gptq", "gptaq"})
+
+
+def is_sequential(params: AlgorithmParams, algorithm: str) -> bool:
+    """Whether `algorithm` calibrates each layer on the quantized layers' outputs (AlgorithmParams.sequential)."""
+    if params.sequential is not None:
+        return params.sequential
+    return bool(algorithm_steps(algorithm) & SEQUENTIAL_STEPS)
 
 
 def algorithm_steps(name: str) -> frozenset[str]:
