@@ -126,3 +126,13 @@ def test_fast_rounding_equals_reference_at_every_midpoint_and_on_a_sweep(element
         ]
     )
     assert torch.equal(round_to_grid(x, element), round_minifloat_reference(x, element))
+
+
+@pytest.mark.parametrize("element", [E4M3, E5M2, E2M1])
+def test_minifloat_rounding_saturates_infinities_keeps_nan_and_flushes_tiny_values(element):
+    x = torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, 1e-45, -1e-45, 1e-39])
+    m = element.max_norm
+    assert torch.equal(round_to_grid(x, element), torch.tensor([m, -m, m, -m, 0.0, -0.0, 0.0]))
+    assert torch.signbit(round_to_grid(x, element)[5])
+    assert torch.isnan(round_to_grid(torch.tensor([float("nan")]), element)).all()
+    assert torch.equal(round_to_grid(x, element), round_minifloat_reference(x, element))

@@ -89,23 +89,25 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of code & 0x
 def round_to_grid(x: Tensor, element: Element) -> Tensor:
     """Round float32 `x` to the nearest value of `element` (ties to even), saturating at its range.
 
-    Fast paths: torch's float8 casts (round to nearest even) after clamping, and a boundary search for
-    E2M1; `round_minifloat_reference` is the definition they are tested against.
+    Minifloats take the step of x's binade from the exponent bits of x (`_round_minifloat`: integer ops
+    and one division by a power of two, no float8 casts, which this CPU build of torch converts back to
+    float32 element by element); `round_minifloat_reference` is the definition it is tested against, as
+    is torch's float8 cast.
     """
     if isinstance(element, IntElement):
         return torch.round(x).clamp_(element.qmin, element.qmax)
-    if element.torch_dtype is not None:
-        return x.clamp(-element.max_norm, element.max_norm).to(element.torch_dtype).to(x.dtype)
-    if element is E2M1:
-        return _round_e2m1(x)
+    if x.dtype == torch.float32:
+        return _round_minifloat(x, element)
     return round_minifloat_reference(x, element)
 
 
-def _round_e2m1(x: Tensor) -> Tensor:
-    # E2M1 magnitudes step by 0.5 below 2, by 1 in [2, 4), by 2 from 4 to the maximum 6.
-    mag = x.abs()
-    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0)).to(x.dtype)
-    return torch.copysign((torch.round(mag / step) * step).clamp_(max=6.0), x)
+def _round_minifloat(x: Tensor, el: FloatElement) -> Tensor:
+    # biased float32 exponent of |x| (the sign bit shifted out by the mask): binade = exponent - 127, floored
+    # at the element's subnormal range; the step 2**(binade - mbits) is built from its bits. Infinities and
+    # NaN get a finite step, so that they saturate or stay NaN as in the reference.
+    step = (x.view(torch.int32) >> 23).bitwise_and_(0xFF).sub_(127).clamp_(min=el.min_exp)
+    step = step.sub_(el.mbits - 127).bitwise_left_shift_(23).view(torch.float32)
+    return torch.div(x, step).round_().mul_(step).clamp_(-el.max_norm, el.max_norm)
 
 
 def round_minifloat_reference(x: Tensor, el: FloatElement) -> Tensor:
