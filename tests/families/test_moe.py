@@ -204,7 +204,8 @@ def test_gptaq_reference_passes_leave_the_routed_counts_and_input_scales(tiny_fa
 
 def test_gptaq_refits_the_routers_to_the_float_model_logits(tiny_factory, text_file, tokenizer_dir, tmp_path):
     """With GPTAQ each router (kept in high precision) is refitted so that on the quantized model's own
-    hidden states it gives logits closer to the float model's; --no-gptaq-routers keeps the source's."""
+    hidden states it gives logits closer to the float model's; --no-gptaq-routers keeps the source's. The
+    forwards run bf16 products on every machine (the refit's own statistics stay fp32 products)."""
     from transformers import AutoTokenizer
 
     from lowbit.data.text import calibration_windows
@@ -215,7 +216,7 @@ def test_gptaq_refits_the_routers_to_the_float_model_logits(tiny_factory, text_f
         out = tmp_path / flag
         args = ["quantize", "--model", str(src), "--qformat", "int4_awq", "--algorithm", "gptaq", flag,
                 "--calib-data", str(text_file), "--calib-size", "8", "--calib-seq-len", "32",
-                "--output", str(out), "-q"]  # fmt: skip
+                "--calib-dtype", "bfloat16", "--output", str(out), "-q"]  # fmt: skip
         assert main(args) == 0
         runs[flag] = (json.loads((out / "lowbit.json").read_text()), load_model(out)[0].eval())
     ids = calibration_windows(text_file, AutoTokenizer.from_pretrained(tokenizer_dir), 8, 32)

@@ -50,6 +50,12 @@ class _Fit:
     zz: float = 0.0  # sum ||z_f||^2
 
 
+def _fp32(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """The hooks run inside the calibration forwards, under bf16 autocast where calib_dtype resolves to it:
+    their logits and statistics are fp32 products all the same."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def record_targets(routers: dict[str, nn.Module]) -> Iterator[dict[str, _Fit]]:
     """While the statistics pass runs: keep each reference pass's logits W x_f of every router."""
@@ -59,7 +65,8 @@ def record_targets(routers: dict[str, nn.Module]) -> Iterator[dict[str, _Fit]]:
         if in_reference():
             fit = fits[name]
             x = args[0].detach().reshape(-1, fit.weight.shape[1]).float()
-            fit.targets.append(x @ fit.weight.t())
+            with _fp32(x):
+                fit.targets.append(x @ fit.weight.t())
 
     handles = [m.register_forward_pre_hook(lambda _, a, n=name: hook(n, a)) for name, m in routers.items()]
     try:
@@ -95,8 +102,9 @@ def refit(
                 f"router {name}: batch {fit.next} has {x.shape[0]} tokens, its reference {z.shape[0]}"
             )
         fit.next += 1
-        fit.h = x.t() @ x if fit.h is None else fit.h.addmm_(x.t(), x)
-        fit.a = z.t() @ x if fit.a is None else fit.a.addmm_(z.t(), x)
+        with _fp32(x):
+            fit.h = x.t() @ x if fit.h is None else fit.h.addmm_(x.t(), x)
+            fit.a = z.t() @ x if fit.a is None else fit.a.addmm_(z.t(), x)
         fit.zz += float((z * z).sum())
         fit.n += x.shape[0]
 
