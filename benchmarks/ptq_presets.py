@@ -39,7 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--calib", required=True)
-    p.add_argument("--eval", required=True)
+    p.add_argument("--eval", default=None, help="evaluation text (required unless --no-eval)")
+    p.add_argument("--no-eval", action="store_true", help="quantize and time only (no KL, no base model)")
     p.add_argument(
         "--presets",
         default=",".join(n for n in PRESETS if n != "no_quant"),
@@ -58,6 +59,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if not args.no_eval and not args.eval:
+        p.error("--eval is required unless --no-eval")
     if args.isolate:
         isolate(args)
         return
@@ -66,7 +69,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     calib = calibration_windows(args.calib, tok, args.calib_size, args.calib_seq_len, seed=0)
-    windows = eval_windows(args.eval, tok, args.seq_len)
+    windows = eval_windows(args.eval, tok, args.seq_len) if args.eval else torch.zeros(0, args.seq_len)
     if args.eval_samples:
         windows = windows[: args.eval_samples]
     base_logits: list[torch.Tensor] = []  # after the first quantization, so its peak RSS is its own
@@ -86,6 +89,14 @@ def main() -> None:
                 res = quantize_checkpoint(args.model, recipe, work / name, calib, progress=False)
                 seconds = time.perf_counter() - start
                 quant_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                if args.no_eval:
+                    row = {"tool": "lowbit", "preset": name, "algorithm": res.algorithm, "kv_cache": args.kv_cache,
+                           "params": recipe.params.to_dict(), "quant_seconds": round(seconds, 2),
+                           "peak_rss_mb": round(quant_rss)}  # fmt: skip
+                    print(json.dumps(row), flush=True)
+                    f.write(json.dumps(row) + "\n")
+                    shutil.rmtree(work / name)
+                    continue
                 if not base_logits:
                     base, _ = load_model(args.model)
                     with torch.no_grad():
