@@ -188,3 +188,50 @@ def test_non_finite_calibration_activations_are_refused_and_large_finite_ones_ar
         h[1, 3, 2] = bad
         with pytest.raises(LowbitError, match="NaN or Inf"):
             _check_activations([(torch.randn(2, 8, 4), {}), (h, {})], "model.layers.3")
+
+
+@pytest.mark.parametrize(
+    ("name", "algorithm", "kv", "expected"),
+    [("fp8", "max", None, False), ("int8_sq", "smoothquant", None, False), ("int8_sq", "smoothquant", "fp8", True),
+     ("int4_awq", "awq_full+gptq", None, False), ("nvfp4", "max", "fp8", False)],
+)  # fmt: skip
+def test_a_second_pass_over_the_inputs_is_foreseen(tiny_llama, name, algorithm, kv, expected):
+    """A smoothed V feeding a quantized KV cache takes a second pass over the layer's inputs: only then must
+    a non-sequential run keep the inputs beside the float outputs."""
+    from lowbit.algorithms.calibrate import LayerInfo, reads_inputs_again
+    from lowbit.models.families import find_family
+    from lowbit.quant.convert import convert
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    recipe = preset(name).with_algorithm(algorithm)
+    recipe = recipe.with_kv_cache(kv) if kv else recipe
+    layer = model.model.layers[0]
+    convert(layer, recipe, "model.layers.0")
+    info = LayerInfo("model.layers.0", find_family("llama"), 4, 2)
+    assert reads_inputs_again(layer, info, algorithm, recipe.params) is expected
+
+
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_float_outputs_replace_the_inputs_in_place_where_no_second_pass_reads_them(
+    tiny_llama, calib_ids, tmp_path, monkeypatch, kv
+):
+    """Not sequential, each batch's float output replaces its input during the statistics pass (one copy of
+    the activations) unless a second pass is foreseen. Without a KV cache that gives the statistics of keeping
+    both copies; with one (SmoothQuant's second pass for the smoothed V) replacing them would change them."""
+    from safetensors.torch import load_file
+
+    from lowbit.algorithms import layerwise
+
+    recipe = preset("int8_sq").with_kv_cache(kv) if kv else preset("int8_sq")
+    runs = {}
+    for forced in (None, not kv):  # the foreseen choice, then the other one
+        if forced is not None:
+            monkeypatch.setattr(layerwise, "reads_inputs_again", lambda *args, keep=forced: keep)
+        out = quantize_checkpoint(tiny_llama, recipe, tmp_path / f"run{forced}", calib_ids, batch_size=4,
+                                  progress=False)  # fmt: skip
+        files = sorted(out.output.glob("quantizers-layer-*.safetensors"))
+        runs[forced] = {k: t for p in files for k, t in load_file(p).items()}
+    default, other = runs[None], runs[not kv]
+    assert default.keys() == other.keys() and any(".1." in k for k in default)
+    same = all(torch.equal(t, other[k]) for k, t in default.items())
+    assert same is (kv is None)

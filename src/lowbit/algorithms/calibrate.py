@@ -142,6 +142,24 @@ def calibrate_layer(
     return report
 
 
+def reads_inputs_again(layer: nn.Module, info: LayerInfo, algorithm: str, params: AlgorithmParams) -> bool:
+    """Whether calibrate_layer may run its forward loop more than once on this converted layer: a second pass
+    after smoothing (activation statistics that the rescaled per-channel maxima cannot give: a smoothed V
+    feeding a quantized KV cache, static inputs other than per-tensor), or GPTAQ's router refit. When not,
+    the caller may replace each batch's inputs by the layer's outputs during the statistics pass."""
+    steps = algorithm_steps(algorithm)
+    if "gptaq" in steps and params.gptaq_routers and _routers(layer, info):
+        return True
+    if not steps & {"smoothquant", "awq_lite", "awq_full"}:
+        return False
+    kv = any(n.rpartition(".")[2] in KV_QUANTIZERS for n, _ in all_quantizers(layer))
+    static = any(
+        q is not None and not q.fmt.dynamic and not _derivable(q)
+        for q in (lin.input_quantizer for _, lin in quant_linears(layer))
+    )
+    return kv or static
+
+
 def _routers(layer: nn.Module, info: LayerInfo) -> dict[str, nn.Module]:
     moe_facts = info.family.moe if info.family is not None else None
     return routers.find_routers(layer, moe_facts.router) if moe_facts is not None else {}

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit import __version__
-from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data, reference_pass
+from lowbit.algorithms.calibrate import (
+    LayerInfo,
+    calibrate_layer,
+    needs_data,
+    reads_inputs_again,
+    reference_pass,
+)
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
@@ -267,7 +273,7 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
     for i in bar:
         prefix, layer = f"{path}.{i}", job.layers[i]
         last = i + 1 == len(job.layers)
-        outputs: list[Tensor] | None = None
+        following: _FloatOutputs | None = None
         orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
         if job.layer_kwargs is not None and states:  # this layer's own masks / arguments
             states[:] = [(h, kw) for (h, _), kw in zip(states, job.layer_kwargs[i], strict=True)]
@@ -280,9 +286,10 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             specs = convert(layer, job.recipe, prefix)
             _check_activations(states, prefix)
             info.prefix, info.storage_dtypes = prefix, orig_dtypes
-            outputs = [] if job.uses_data and not sequential and not last else None
+            if job.uses_data and not sequential and not last:
+                following = _FloatOutputs(not reads_inputs_again(layer, info, job.algorithm, job.recipe.params))
             reference_out: list[Tensor] = []
-            loop = _loop_over(states, outputs, job.forwards, reference, reference_out) if job.uses_data else None
+            loop = _loop_over(states, following, job.forwards, reference, reference_out) if job.uses_data else None
             errors.update(calibrate_layer(layer, info, job.algorithm, job.recipe.params, loop))
             if reference is not None and not last:
                 reference[:] = [(out, kw) for out, (_, kw) in zip(reference_out, states, strict=True)]
@@ -298,8 +305,9 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
             job.writer.write_layer(i, transposed(weights, job.conv1d), stats, extra={"errors": errors})
             del state, weights, stats
         if job.uses_data and not sequential and not last:  # the next layer reads this one's float outputs
-            if outputs:
-                states[:] = [(out, kw) for out, (_, kw) in zip(outputs, states, strict=True)]
+            if following is not None and following.done:
+                if not following.in_place:
+                    states[:] = [(out, kw) for out, (_, kw) in zip(following.outputs, states, strict=True)]
             else:  # a replayed layer: its float weights, as when it was calibrated
                 set_calibrating(layer, True)
                 _advance(layer, states, job.forwards)
@@ -443,22 +451,34 @@ def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
+@dataclass
+class _FloatOutputs:
+    """Not sequential: the float layer's outputs of the statistics pass become the next layer's inputs."""
+
+    in_place: bool  # no later pass reads the inputs: each batch's output replaces its input at once
+    outputs: list[Tensor] = field(default_factory=list)  # otherwise kept beside them until the layer is done
+    done: bool = False
+
+
 def _loop_over(
     states: list[tuple[Tensor, dict[str, Any]]],
-    outputs: list[Tensor] | None = None,
+    following: _FloatOutputs | None = None,
     forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     reference: list[tuple[Tensor, dict[str, Any]]] | None = None,
     reference_out: list[Tensor] | None = None,
 ) -> Callable[[nn.Module], None]:
-    """The calibration loop over a layer's inputs; the first pass's outputs go to `outputs` if given. With
+    """The calibration loop over a layer's inputs; the first pass's outputs go to `following` if given. With
     `reference` (GPTAQ: the float model's activations of the same batches), the first pass runs each batch
     of it before the batch itself (`calibrate.reference_pass`) and puts those outputs in `reference_out`."""
 
     def loop(layer: nn.Module) -> None:
-        record = outputs is not None and not outputs
+        record = following is not None and not following.done
         pair = reference is not None and reference_out is not None and not reference_out
         with reused_heap():
             _loop(layer, record, pair)
+        if record:
+            assert following is not None
+            following.done = True
 
     def _loop(layer: nn.Module, record: bool, pair: bool) -> None:
         for j, (hidden, kwargs) in enumerate(states):
@@ -470,8 +490,12 @@ def _loop_over(
             with forwards():
                 out = layer(hidden, **kwargs)
             if record:
-                assert outputs is not None
-                outputs.append((out[0] if isinstance(out, tuple) else out).to(hidden.dtype))
+                assert following is not None
+                out = (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
+                if following.in_place:
+                    states[j] = (out, kwargs)
+                else:
+                    following.outputs.append(out)
 
     return loop
 
