@@ -136,3 +136,11 @@ def test_minifloat_rounding_saturates_infinities_keeps_nan_and_flushes_tiny_valu
     assert torch.signbit(round_to_grid(x, element)[5])
     assert torch.isnan(round_to_grid(torch.tensor([float("nan")]), element)).all()
     assert torch.equal(round_to_grid(x, element), round_minifloat_reference(x, element))
+
+
+def test_fp8_rounding_passes_gradients_straight_through_as_the_cast_does():
+    s = torch.tensor([0.3, 1.7, 500.0], requires_grad=True)
+    q = round_to_grid(s, E4M3)
+    q.sum().backward()
+    assert torch.equal(q.detach(), round_to_grid(s.detach(), E4M3))
+    assert torch.equal(s.grad, torch.tensor([1.0, 1.0, 0.0]))  # saturated: no gradient, as clamp gives

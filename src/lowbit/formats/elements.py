@@ -96,6 +96,8 @@ def round_to_grid(x: Tensor, element: Element) -> Tensor:
     """
     if isinstance(element, IntElement):
         return torch.round(x).clamp_(element.qmin, element.qmax)
+    if x.requires_grad and element.torch_dtype is not None:  # the cast passes gradients straight through
+        return x.clamp(-element.max_norm, element.max_norm).to(element.torch_dtype).to(x.dtype)
     if x.dtype == torch.float32:
         return _round_minifloat(x, element)
     return round_minifloat_reference(x, element)
