@@ -61,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq-damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H)")
     q.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ columns per block (default 128)")
     q.add_argument(
+        "--gptq-rounds", type=int, default=None,
+        help="GPTQ's codes then group scales refitted to them, this many times (INT4/NVFP4/MXFP4 groups; "
+        "default 4)",
+    )  # fmt: skip
+    q.add_argument(
         "--gptaq-alpha", type=float, default=None,
-        help="GPTAQ: fraction of the correction towards the float model's inputs (default 0.25)",
+        help="GPTAQ: fraction of the correction towards the float model's inputs (default 1.0 with "
+        "--true-sequential, 0.25 without)",
     )  # fmt: skip
     q.add_argument(
         "--gptaq-routers", action=argparse.BooleanOptionalAction, default=None,
@@ -74,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPTQ columns by descending Hessian diagonal, static groups (default on)",
     )
+    q.add_argument(
+        "--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+        help="GPTQ / GPTAQ: quantize a layer's modules in forward order, each on inputs computed with the ones "
+        "before it already quantized (one more pass per stage: o, gate/up, down; default on with gptaq, off with "
+        "gptq)",
+    )  # fmt: skip
     q.add_argument("--percentile", type=float, default=None, help="activation amax percentile (percentile)")
     q.add_argument(
         "--sequential",
@@ -247,6 +259,8 @@ def _recipe(args: argparse.Namespace) -> Any:
         "gptaq_alpha",
         "gptaq_routers",
         "gptq_act_order",
+        "gptq_rounds",
+        "true_sequential",
         "percentile",
         "sequential",
         "calib_dtype",

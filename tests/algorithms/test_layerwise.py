@@ -135,6 +135,8 @@ def test_calib_dtype_must_be_known():
     expected = r"unknown calib_dtype 'bf16' \(did you mean 'bfloat16'\?\); use one of auto, float32, bfloat16"
     with pytest.raises(LowbitError, match=expected):
         preset("fp8").with_params(calib_dtype="bf16")
+    with pytest.raises(LowbitError, match=r"gptq_rounds 0: use 1 or more"):
+        preset("int4_awq").with_params(gptq_rounds=0)
 
 
 def test_gptq_stores_refitted_group_scales(tiny_llama, calib_ids, tmp_path):
@@ -193,17 +195,23 @@ def test_non_finite_calibration_activations_are_refused_and_large_finite_ones_ar
 @pytest.mark.parametrize(
     ("name", "algorithm", "kv", "expected"),
     [("fp8", "max", None, False), ("int8_sq", "smoothquant", None, False), ("int8_sq", "smoothquant", "fp8", True),
-     ("int4_awq", "awq_full+gptq", None, False), ("nvfp4", "max", "fp8", False)],
+     ("int4_awq", "awq_full+gptq", None, False), ("nvfp4", "max", "fp8", False),
+     ("int4_awq", "gptq:true_sequential", None, True), ("int4_awq", "gptaq:sequential=False", None, False)],
 )  # fmt: skip
 def test_a_second_pass_over_the_inputs_is_foreseen(tiny_llama, name, algorithm, kv, expected):
-    """A smoothed V feeding a quantized KV cache takes a second pass over the layer's inputs: only then must
-    a non-sequential run keep the inputs beside the float outputs."""
+    """A smoothed V feeding a quantized KV cache takes a second pass over the layer's inputs, as true-sequential
+    GPTQ's stage passes do: only then must a non-sequential run keep the inputs beside the float outputs
+    (non-sequential GPTAQ has no float inputs to be true-sequential with)."""
     from lowbit.algorithms.calibrate import LayerInfo, reads_inputs_again
     from lowbit.models.families import find_family
     from lowbit.quant.convert import convert
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    algorithm, _, option = algorithm.partition(":")
     recipe = preset(name).with_algorithm(algorithm)
+    if option:
+        key, _, value = option.partition("=")
+        recipe = recipe.with_params(**{key: value != "False"})
     recipe = recipe.with_kv_cache(kv) if kv else recipe
     layer = model.model.layers[0]
     convert(layer, recipe, "model.layers.0")

@@ -310,3 +310,32 @@ def test_report_statistics_keep_rows_until_a_hessian_is_smaller_and_measure_the_
             st.scale_inputs(s)
             full.scale_inputs(s)
             torch.testing.assert_close(st.output_error(delta), output_error(delta, full.hessian))
+
+
+@pytest.mark.parametrize("fmt", [INT4_G32, NVFP4, FP8_TENSOR])
+def test_gptq_rounds_never_raise_a_rows_error_and_stay_on_the_grid(fmt):
+    """More rounds of GPTQ codes then refitted group scales: every row's output error is at most the first
+    round's, and the weight lies on the scales the quantizer keeps. Formats without refitted scales (FP8 per
+    tensor) have nothing to alternate: one round."""
+    from lowbit.algorithms.calibrate import _codes_and_scales, _row_errors
+    from lowbit.quant.linear import QuantLinear, QuantSpec
+    from lowbit.quant.recipe import AlgorithmParams
+
+    torch.manual_seed(0)
+    x = _correlated_inputs(512, 128)
+    h = x.t() @ x / x.shape[0]
+    base = nn.Linear(128, 24, bias=False)
+    base.weight.data = torch.randn(24, 128) * torch.linspace(0.5, 2.0, 128)
+    result = {}
+    for rounds in (1, 6):
+        lin = QuantLinear(nn.Linear(128, 24, bias=False), QuantSpec((fmt,)))
+        lin.weight.data = base.weight.data.clone()
+        lin.calibrate_weight()
+        q = _codes_and_scales(lin, lin.weight, h, AlgorithmParams(gptq_rounds=rounds), "test")
+        quantizer = lin.weight_quantizer.quantizers()[0]
+        assert torch.equal(fake_quant(q, fmt, amax=quantizer.amax, global_amax=quantizer.global_amax), q)
+        result[rounds] = _row_errors(q - base.weight, h)
+    if fmt.granularity == "group":
+        assert (result[6] <= result[1]).all() and result[6].sum() < 0.97 * result[1].sum()
+    else:
+        assert torch.equal(result[6], result[1])

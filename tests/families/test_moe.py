@@ -183,23 +183,31 @@ def test_in_memory_quantize_reaches_every_expert(tiny_factory):
 
 
 def test_gptaq_reference_passes_leave_the_routed_counts_and_input_scales(tiny_factory, text_file, tmp_path):
-    """GPTAQ runs every batch of the float model's activations through each layer too; what calibration
-    reports and stores for the quantized model's own tokens stays that of a GPTQ run."""
+    """GPTAQ runs every batch of the float model's activations through each layer too, and true-sequential
+    passes one stage at a time; what calibration reports and stores for the quantized model's own tokens
+    stays that of a GPTQ run (in every layer at once; true-sequential, whose layer 0 differs from GPTQ's and
+    so changes the inputs of layer 1, in layer 0)."""
     src = tiny_factory("mixtral", 2)
     runs = {}
-    for algorithm in ("gptq", "gptaq"):
-        out = tmp_path / algorithm
-        args = ["quantize", "--model", str(src), "--qformat", "w4a8_awq", "--algorithm", algorithm,
+    for run, algorithm, flags in (("gptq", "gptq", []), ("at-once", "gptaq", ["--no-true-sequential"]),
+                                  ("staged", "gptaq", [])):  # fmt: skip
+        out = tmp_path / run
+        args = ["quantize", "--model", str(src), "--qformat", "w4a8_awq", "--algorithm", algorithm, *flags,
                 "--calib-data", str(text_file), "--calib-size", "8", "--calib-seq-len", "32",
                 "--output", str(out), "-q"]  # fmt: skip
         assert main(args) == 0
-        runs[algorithm] = (json.loads((out / "lowbit.json").read_text()), _stats(out))
-    (m_q, s_q), (m_a, s_a) = runs["gptq"], runs["gptaq"]
-    for name, e in m_q["errors"].items():
-        assert m_a["errors"][name].get("routed_tokens") == e.get("routed_tokens"), name
+        runs[run] = (json.loads((out / "lowbit.json").read_text()), _stats(out))
+    m_q, s_q = runs["gptq"]
     layer0 = [k for k in s_q if k.startswith("model.layers.0.") and "input_quantizer" in k]
-    assert layer0 and all(torch.equal(s_q[k], s_a[k]) for k in layer0)
-    assert sum(m_a["errors"][f"model.layers.0.mlp.experts.{e}.w1"]["routed_tokens"] for e in range(4)) == 8 * 32 * 2
+    assert layer0
+    for run, layers in (("at-once", ("0", "1")), ("staged", ("0",))):
+        m_a, s_a = runs[run]
+        for name, e in m_q["errors"].items():
+            if name.split(".")[2] in layers:
+                assert m_a["errors"][name].get("routed_tokens") == e.get("routed_tokens"), (run, name)
+        assert all(torch.equal(s_q[k], s_a[k]) for k in layer0), run
+        routed = sum(m_a["errors"][f"model.layers.0.mlp.experts.{e}.w1"]["routed_tokens"] for e in range(4))
+        assert routed == 8 * 32 * 2, run
 
 
 def test_gptaq_refits_the_routers_to_the_float_model_logits(tiny_factory, text_file, tokenizer_dir, tmp_path):
@@ -246,3 +254,31 @@ def test_gptaq_refits_the_routers_to_the_float_model_logits(tiny_factory, text_f
         src_weight = original.get_submodule(r).weight
         assert torch.equal(runs["--no-gptaq-routers"][1].get_submodule(r).weight, src_weight)
         assert r not in runs["--no-gptaq-routers"][0]["errors"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_true_sequential_gptaq_quantizes_each_layer_in_forward_stages(tiny_factory, text_file, tmp_path,
+                                                                      monkeypatch, model_type):  # fmt: skip
+    """q/k/v first, then o, then the gate/up of every expert, then every expert's down: each stage one GPTQ
+    call, on inputs from a pass with the stages before it quantized."""
+    from lowbit.algorithms import calibrate
+
+    calls: list[list[str]] = []
+    original = calibrate._gptq
+
+    def recording(linears, *args, **kwargs):
+        calls.append(sorted(linears))
+        return original(linears, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_gptq", recording)
+    src = tiny_factory(model_type, 2)
+    args = ["quantize", "--model", str(src), "--qformat", "int4_awq", "--algorithm", "gptaq",
+            "--calib-data", str(text_file), "--calib-size", "8", "--calib-seq-len", "32",
+            "--output", str(tmp_path / "q"), "-q"]  # fmt: skip
+    assert main(args) == 0
+    mlp = ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]
+    if model_type == "mixtral":
+        mlp = ([f"mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w3")],
+               [f"mlp.experts.{e}.w2" for e in range(4)])  # fmt: skip
+    attention = [f"self_attn.{p}_proj" for p in "kqv"], ["self_attn.o_proj"]
+    assert calls == 2 * [sorted(names) for names in (*attention, *mlp)]

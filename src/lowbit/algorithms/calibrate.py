@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,7 @@ from lowbit.quant.convert import (
 )
 from lowbit.quant.linear import QuantLinear
 from lowbit.quant.quantizer import STAT_NAMES, Quantizer
-from lowbit.quant.recipe import AlgorithmParams, algorithm_steps
+from lowbit.quant.recipe import AlgorithmParams, algorithm_steps, gptaq_alpha, is_true_sequential
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,13 @@ def calibrate_layer(
     # GPTQ replaces the weights: it measures each one against the weight it started from (one Linear at a
     # time, no copy of the layer); the other steps change scales only. Activation scales stay those of the
     # float layer, as in the peers.
-    after = _gptq(linears, stats, info, params) if steps & {"gptq", "gptaq"} else {}
+    after: dict[str, float] = {}
+    if steps & {"gptq", "gptaq"}:
+        alpha = gptaq_alpha(params, algorithm)
+        if _staged(params, algorithm, stats):
+            after = _gptq_in_stages(layer, linears, stats, info, params, alpha, forward_loop)
+        else:
+            after = _gptq(linears, stats, info, params, alpha)
     for n, lin in linears.items():
         if n in stats:
             entry = report[info.prefix + "." + n]
@@ -150,6 +157,8 @@ def reads_inputs_again(layer: nn.Module, info: LayerInfo, algorithm: str, params
     steps = algorithm_steps(algorithm)
     if "gptaq" in steps and params.gptaq_routers and _routers(layer, info):
         return True
+    if steps & {"gptq", "gptaq"} and is_true_sequential(params, algorithm):
+        return True
     if not steps & {"smoothquant", "awq_lite", "awq_full"}:
         return False
     kv = any(n.rpartition(".")[2] in KV_QUANTIZERS for n, _ in all_quantizers(layer))
@@ -169,14 +178,51 @@ def _routers(layer: nn.Module, info: LayerInfo) -> dict[str, nn.Module]:
 def reference_pass(layer: nn.Module) -> Iterator[None]:
     """A forward of the float layer on the float model's activations (GPTAQ's reference) inside the
     statistics pass: the input hooks keep each Linear's input for the next forward of the same tokens;
-    quantizer statistics and routed token counts stay as they were."""
+    quantizer statistics and routed token counts stay as they were. Linears that GPTQ already replaced
+    compute with the weight they had before (`QuantLinear.float_weight`)."""
+    done = [lin for _, lin in quant_linears(layer) if lin.float_weight is not None]
+    modes = [lin.calibrating for lin in done]
+    try:
+        for lin in done:
+            lin.calibrating = True
+        with kept_statistics(layer), reference_inputs():
+            yield
+    finally:
+        for lin, mode in zip(done, modes, strict=True):
+            lin.calibrating = mode
+
+
+class StageInputsSeen(Exception):
+    """Raised when a forward under `stopping_after` reaches the end of its module."""
+
+
+@contextlib.contextmanager
+def stopping_after(module: nn.Module | None) -> Iterator[None]:
+    """Inside: every forward of the layer ends (StageInputsSeen, which the calibration loop catches batch by
+    batch) once `module` has run; a pass for the inputs of one stage needs nothing after its last module."""
+    if module is None:
+        yield
+        return
+
+    def stop(*_: Any) -> None:
+        raise StageInputsSeen
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def kept_statistics(layer: nn.Module) -> Iterator[None]:
+    """Forward passes inside leave every quantizer's statistics and the routed token counts as they were."""
     quantizers = [q for _, q in all_quantizers(layer)]
     saved = [({n: t.clone() for n, t in q.stats().items()}, None if q.samples is None else len(q.samples))
              for q in quantizers]  # fmt: skip
     routed = [(m, list(m.routed)) for _, m in moe.expert_lists(layer)]
     try:
-        with reference_inputs():
-            yield
+        yield
     finally:
         for q, (kept, n_samples) in zip(quantizers, saved, strict=True):
             for stat in STAT_NAMES:
@@ -187,13 +233,23 @@ def reference_pass(layer: nn.Module) -> Iterator[None]:
             m.routed = counts
 
 
-def _observe(layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
-    """One calibration pass: quantizers observe, Linears compute in float, every MoE expert sees every token
-    (the layer's output stays the routed one)."""
+def _observe(
+    layer: nn.Module, forward_loop: Callable[..., None], quantized: list[QuantLinear] | None = None,
+    reference: bool = False, stop_after: nn.Module | None = None,
+) -> None:  # fmt: skip
+    """One calibration pass: quantizers observe, Linears compute in float (those in `quantized` quantized),
+    every MoE expert sees every token (the layer's output stays the routed one). A later pass (`quantized`
+    given) tells the loop whether to run each batch of the float model's activations before it again
+    (`reference`, GPTAQ's reference pass) and where its forwards may end (`stop_after`)."""
     set_calibrating(layer, True)
     moe.set_calibrating(layer, True)
+    for lin in quantized or []:
+        lin.calibrating = False
     try:
-        forward_loop(layer)
+        if quantized is None:
+            forward_loop(layer)
+        else:
+            forward_loop(layer, reference_again=reference, stop_after=stop_after)
     finally:
         set_calibrating(layer, False)
         moe.set_calibrating(layer, False)
@@ -483,19 +539,100 @@ def _set_first_amax(lin: QuantLinear, amax: Tensor) -> None:
 
 
 def _gptq(
-    linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, params: AlgorithmParams
-) -> dict[str, float]:
-    """GPTQ (or GPTAQ) on every Linear with a Hessian; {name: its output error against its weight before}."""
+    linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, params: AlgorithmParams,
+    alpha: float, measure: dict[str, InputStats] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """GPTQ (or GPTAQ, `alpha` its share of the float-input correction) on every Linear with a Hessian;
+    {name: its output error against its weight before, on the inputs of `measure` (default `stats`)}."""
+    measure = stats if measure is None else measure
     errors = {}
     for name, lin in linears.items():
         h = stats[name].hessian if name in stats else None
         if h is None:
             continue
-        maps = _scale_maps(lin)
         cross = stats[name].cross  # GPTAQ: the float model's inputs of these tokens were seen
         target = lin.weight if cross is None else gptq.asymmetric_target(
-            lin.weight, h, cross, params.gptq_damp, params.gptaq_alpha
+            lin.weight, h, cross, params.gptq_damp, alpha
         )
+
+        q = _codes_and_scales(lin, target, h, params, f"{info.prefix}.{name}")
+        before = lin.weight.detach()  # keeps the weight GPTQ started from until its error is measured
+        dt = (info.storage_dtypes or {}).get(f"{name}.weight")
+        lin.weight.data = (q if dt is None else q.to(dt)).to(lin.weight.dtype)  # what the checkpoint stores
+        lin._qweight = None
+        errors[name] = _rel_error(lin.weight_quantizer(lin.weight.float()), before, measure[name])
+        del before, target, q
+    return errors
+
+
+def _staged(params: AlgorithmParams, algorithm: str, stats: dict[str, InputStats]) -> bool:
+    """True-sequential GPTQ as asked; by default where GPTAQ has the float model's inputs (its float target
+    is what corrects the stages before; whole-model or non-sequential GPTAQ is GPTQ, staged for nothing)."""
+    if params.true_sequential is not None:
+        return params.true_sequential
+    return is_true_sequential(params, algorithm) and any(st.cross is not None for st in stats.values())
+
+
+def _gptq_in_stages(
+    layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo,
+    params: AlgorithmParams, alpha: float, forward_loop: Callable[..., None],
+) -> dict[str, float]:  # fmt: skip
+    """GPTQ stage by stage in the layer's forward order (`_stages`): the first stage on the statistics pass's
+    inputs, each later one on the inputs of one more pass in which the stages before it compute quantized
+    (their input quantizers and GPTQ's weights) while the statistics of every quantizer stay as they were.
+    With GPTAQ each such pass runs the float layer (the weights before GPTQ) on the float model's inputs
+    first, so that a stage's target also corrects the error of the stages before it in this layer. Errors
+    are reported on the statistics pass's inputs, as RTN's."""
+    paired = any(st.cross is not None for st in stats.values())
+    experts = [name + "." for name, _ in moe.expert_lists(layer)]
+    stages = _stages({n: st for n, st in stats.items() if st.hessian_sum is not None or st.rows}, experts)
+    done: list[QuantLinear] = []
+    errors: dict[str, float] = {}
+    try:
+        for k, stage in enumerate(stages):
+            group = {n: linears[n] for n in stage}
+            current = stats
+            if k:
+                with collect_inputs(group, None, absmean=False) as current, kept_statistics(layer):
+                    _observe(layer, forward_loop, quantized=done, reference=paired, stop_after=group[stage[-1]])
+            for lin in group.values():
+                lin.float_weight = lin.weight.detach().clone() if paired else None
+            errors.update(_gptq(group, current, info, params, alpha, measure=stats))
+            done.extend(group.values())
+    finally:
+        for lin in done:
+            lin.float_weight = None
+    return errors
+
+
+def _stages(stats: dict[str, InputStats], experts: list[str]) -> list[list[str]]:
+    """The Linears of `stats` (in the order the statistics pass first called them) in stages: Linears that read
+    one input (q/k/v, gate/up, an expert's gate/up) or the same Linear of each expert under one of the
+    `experts` prefixes (every expert's down_proj) are one stage."""
+    stages: list[list[str]] = []
+    where: dict[object, int] = {}
+    for name, st in stats.items():
+        prefix = next((p for p in experts if name.startswith(p)), None)
+        same = name if prefix is None else prefix + re.sub(r"^\d+\.", "#.", name.removeprefix(prefix))
+        keys = (id(st), same)
+        i = next((where[k] for k in keys if k in where), len(stages))
+        if i == len(stages):
+            stages.append([])
+        stages[i].append(name)
+        for key in keys:
+            where.setdefault(key, i)
+    return stages
+
+
+def _codes_and_scales(lin: QuantLinear, target: Tensor, h: Tensor, params: AlgorithmParams, name: str) -> Tensor:
+    """GPTQ's weight for `target` on `lin`'s calibrated scales. For one-stage symmetric group formats (INT4,
+    NVFP4, MXFP4) the group scales are then refitted to GPTQ's codes (search.refit_group_amax), and
+    `params.gptq_rounds` - 1 more rounds run GPTQ on the refitted scales and refit again; each row keeps the
+    round with its least output error tr((Q - W~) H (Q - W~)^T) (GPTQ's rows are independent), so a round
+    never makes a row worse."""
+    best: Tensor | None = None
+    for _ in range(params.gptq_rounds):
+        maps = _scale_maps(lin)
 
         def quantize_columns(cols: Tensor, idx: Tensor, maps: list[ScaleMap] = maps) -> Tensor:
             for m in maps:
@@ -504,28 +641,41 @@ def _gptq(
 
         q, _ = gptq.gptq_quantize(
             target, h, quantize_columns, block_size=params.gptq_block_size, damp=params.gptq_damp,
-            act_order=params.gptq_act_order, name=f"{info.prefix}.{name}",
+            act_order=params.gptq_act_order, name=name,
         )  # fmt: skip
-        q = _refit_scales(lin, target, q, h)
-        before = lin.weight.detach()  # keeps the weight GPTQ started from until its error is measured
-        dt = (info.storage_dtypes or {}).get(f"{name}.weight")
-        lin.weight.data = (q if dt is None else q.to(dt)).to(lin.weight.dtype)  # what the checkpoint stores
-        lin._qweight = None
-        errors[name] = _rel_error(lin.weight_quantizer(lin.weight.float()), before, stats[name])
-        del before, target, q
-    return errors
+        refit = _refit_scales(lin, target, q, h)
+        if refit is None:
+            return q
+        q, amax = refit
+        err = _row_errors(q - target.float(), h)
+        if best is None:
+            best, best_amax, best_err = q, amax, err
+            continue
+        better = err < best_err
+        best[better], best_amax[better], best_err = q[better], amax[better], torch.minimum(err, best_err)
+        lin.weight_quantizer.quantizers()[0].amax = best_amax.clone()
+        if not bool(better.any()):
+            break
+    assert best is not None
+    lin.weight_quantizer.quantizers()[0].amax = best_amax
+    return best
 
 
-def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> Tensor:
-    """GPTQ's codes with each row's group scales refitted to them (search.refit_group_amax) towards GPTQ's
-    `target`, for one-stage symmetric group formats (INT4, NVFP4, MXFP4); the weight `q` again, on the
-    refitted scales."""
+def _row_errors(diff: Tensor, h: Tensor) -> Tensor:
+    """Each row's (w - q) H (w - q)^T."""
+    return ((diff @ h.float()) * diff).sum(1)
+
+
+def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(the weight on refitted scales, those scales as amax): GPTQ's codes `q` with each row's group scales
+    refitted to them (search.refit_group_amax) towards GPTQ's `target`, which the weight quantizer now holds;
+    None where that does not apply (formats other than one-stage symmetric groups)."""
     qs = lin.weight_quantizer.quantizers()
     fmt = qs[0].fmt
     if len(qs) != 1 or fmt.granularity != "group" or not fmt.symmetric or qs[0].amax is None:
-        return q
+        return None
     qs[0].amax, refitted = search.refit_group_amax(target, q, fmt, qs[0].amax, qs[0].global_amax, h)
-    return refitted
+    return refitted, qs[0].amax.clone()
 
 
 def _scale_maps(lin: QuantLinear) -> list[ScaleMap]:

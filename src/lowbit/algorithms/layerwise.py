@@ -29,10 +29,12 @@ from tqdm.auto import tqdm
 from lowbit import __version__
 from lowbit.algorithms.calibrate import (
     LayerInfo,
+    StageInputsSeen,
     calibrate_layer,
     needs_data,
     reads_inputs_again,
     reference_pass,
+    stopping_after,
 )
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
@@ -59,7 +61,7 @@ from lowbit.models.vision import Deepstack
 from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
-from lowbit.quant.recipe import Recipe, algorithm_steps, is_sequential, spec_to_dict
+from lowbit.quant.recipe import Recipe, algorithm_steps, is_sequential, is_true_sequential, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +334,8 @@ def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
         "calibration_data_used": job.uses_data,
         "calibration_matmul_dtype": str(job.matmul_dtype or job.compute_dtype).removeprefix("torch."),
         "calibration_sequential": job.uses_data and is_sequential(job.recipe.params, job.algorithm),
+        "gptq_true_sequential": bool(algorithm_steps(job.algorithm) & {"gptq", "gptaq"})
+        and is_true_sequential(job.recipe.params, job.algorithm),
         "errors": errors,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                         "image_samples": len(job.images), "sha256": job.writer.fingerprint["calib_sha256"]},
@@ -466,29 +470,41 @@ def _loop_over(
     forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     reference: list[tuple[Tensor, dict[str, Any]]] | None = None,
     reference_out: list[Tensor] | None = None,
-) -> Callable[[nn.Module], None]:
+) -> Callable[..., None]:
     """The calibration loop over a layer's inputs; the first pass's outputs go to `following` if given. With
     `reference` (GPTAQ: the float model's activations of the same batches), the first pass runs each batch
-    of it before the batch itself (`calibrate.reference_pass`) and puts those outputs in `reference_out`."""
+    of it before the batch itself (`calibrate.reference_pass`) and puts those outputs in `reference_out`;
+    a later pass does the same (without keeping the outputs) when called with `reference_again=True`.
+    `stop_after`: a later pass that needs only the inputs of the modules up to this one ends each forward
+    there (`calibrate.stopping_after`)."""
 
-    def loop(layer: nn.Module) -> None:
+    def loop(layer: nn.Module, reference_again: bool = False, stop_after: nn.Module | None = None) -> None:
         record = following is not None and not following.done
-        pair = reference is not None and reference_out is not None and not reference_out
-        with reused_heap():
-            _loop(layer, record, pair)
+        first = reference is not None and reference_out is not None and not reference_out
+        if stop_after is not None and (record or first):
+            raise AssertionError("the first pass keeps the layer's outputs: it runs every forward to the end")
+        with reused_heap(), stopping_after(stop_after):
+            _loop(layer, record, first or reference_again, first)
         if record:
             assert following is not None
             following.done = True
 
-    def _loop(layer: nn.Module, record: bool, pair: bool) -> None:
-        for j, (hidden, kwargs) in enumerate(states):
-            if pair:
-                assert reference is not None and reference_out is not None
-                with reference_pass(layer), forwards():
-                    ref = layer(reference[j][0], **kwargs)
-                reference_out.append((ref[0] if isinstance(ref, tuple) else ref).to(hidden.dtype))
+    def forward(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Any:
+        try:
             with forwards():
-                out = layer(hidden, **kwargs)
+                return layer(hidden, **kwargs)
+        except StageInputsSeen:
+            return None
+
+    def _loop(layer: nn.Module, record: bool, pair: bool, keep: bool) -> None:
+        for j, (hidden, kwargs) in enumerate(states):
+            if pair and reference is not None:
+                with reference_pass(layer):
+                    ref = forward(layer, reference[j][0], kwargs)
+                if keep:
+                    assert reference_out is not None
+                    reference_out.append((ref[0] if isinstance(ref, tuple) else ref).to(hidden.dtype))
+            out = forward(layer, hidden, kwargs)
             if record:
                 assert following is not None
                 out = (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)

@@ -36,8 +36,19 @@ def quantize(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     info = LayerInfo("", whole_model_family(model), getattr(text, "num_attention_heads", None),
                      getattr(text, "num_key_value_heads", None))  # fmt: skip
-    calibrate_layer(model, info, recipe.algorithm, recipe.params, forward_loop)
+    loop = None if forward_loop is None else _passes_of(forward_loop)
+    calibrate_layer(model, info, recipe.algorithm, recipe.params, loop)
     return specs
+
+
+def _passes_of(forward_loop: Callable[[nn.Module], None]) -> Callable[..., None]:
+    """The user's loop as calibration's pass loop: whole-model calibration has no float model's activations
+    to run again, and a stage pass runs the user's forwards to the end."""
+
+    def loop(model: nn.Module, reference_again: bool = False, stop_after: nn.Module | None = None) -> None:
+        forward_loop(model)
+
+    return loop
 
 
 def whole_model_family(model: nn.Module) -> Any:

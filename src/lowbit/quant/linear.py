@@ -47,6 +47,9 @@ class QuantLinear(nn.Linear):
         self.calibrating = False  # while True: observe inputs, compute with the float weight
         self.observe_input = True  # False: the caller derives the input statistics from its own (calibrate.py)
         self.baked = False  # True once the weight holds its own fake-quantized values (see bake)
+        # the weight before GPTQ replaced it, while the rest of its layer is calibrated: calibrating forwards
+        # (the float model's reference passes) compute with it
+        self.float_weight: Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.spec.describe()}"
@@ -89,7 +92,7 @@ class QuantLinear(nn.Linear):
         if self.calibrating:
             if self.input_quantizer is not None and self.observe_input:
                 self.input_quantizer.observe(x)
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight if self.float_weight is None else self.float_weight, self.bias)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.quantized_weight(), self.bias)

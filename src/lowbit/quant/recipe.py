@@ -65,7 +65,18 @@ class AlgorithmParams:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     gptq_act_order: bool = True  # columns by descending diag(H), with static groups
-    gptaq_alpha: float = 0.25  # GPTAQ: fraction of the float-input correction W D H^-1 in GPTQ's target
+    # rounds of GPTQ's codes then group scales refitted to them, each round on the scales of the one before
+    # (one-stage symmetric group formats: INT4, NVFP4, MXFP4; each row keeps its best round). 4: the best of
+    # 1, 4, 8, 16 on pydocs-llama's validation text (docs/results.md section 14)
+    gptq_rounds: int = 4
+    # GPTQ module by module in the layer's forward order (q/k/v, o, gate/up, down): each one's Hessian (and
+    # GPTAQ's cross term) from inputs computed with the modules before it in the layer already quantized.
+    # None: on with sequential GPTAQ (its float target then also corrects the error of the modules before
+    # it: -11% KL on pydocs-llama), off with GPTQ (no gain measured); docs/results.md section 14
+    true_sequential: bool | None = None
+    # GPTAQ: fraction of the float-input correction W D H^-1 in GPTQ's target. None: 1.0 true-sequential,
+    # 0.25 otherwise (the best of each sweep in docs/results.md)
+    gptaq_alpha: float | None = None
     gptaq_routers: bool = True  # GPTAQ: refit MoE routers (high precision) to the float model's logits
     percentile: float = 99.99  # activation amax percentile ("percentile" step)
     # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
@@ -79,6 +90,8 @@ class AlgorithmParams:
     calib_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.gptq_rounds < 1:
+            raise LowbitError(f"gptq_rounds {self.gptq_rounds}: use 1 or more (1 = GPTQ once, as published)")
         if self.calib_dtype not in CALIB_DTYPES:
             raise LowbitError(
                 f"unknown calib_dtype {self.calib_dtype!r}{closest(str(self.calib_dtype), CALIB_DTYPES)}; "
@@ -97,6 +110,20 @@ def is_sequential(params: AlgorithmParams, algorithm: str) -> bool:
     if params.sequential is not None:
         return params.sequential
     return bool(algorithm_steps(algorithm) & SEQUENTIAL_STEPS)
+
+
+def is_true_sequential(params: AlgorithmParams, algorithm: str) -> bool:
+    """Whether GPTQ / GPTAQ quantizes a layer's modules stage by stage (AlgorithmParams.true_sequential)."""
+    if params.true_sequential is not None:
+        return params.true_sequential
+    return "gptaq" in algorithm_steps(algorithm) and is_sequential(params, algorithm)
+
+
+def gptaq_alpha(params: AlgorithmParams, algorithm: str) -> float:
+    """GPTAQ's share of the float-input correction (AlgorithmParams.gptaq_alpha)."""
+    if params.gptaq_alpha is not None:
+        return params.gptaq_alpha
+    return 1.0 if is_true_sequential(params, algorithm) else 0.25
 
 
 def algorithm_steps(name: str) -> frozenset[str]:
