@@ -317,7 +317,8 @@ def test_gptq_rounds_never_raise_a_rows_error_and_stay_on_the_grid(fmt):
     """More rounds of GPTQ codes then refitted group scales: every row's output error is at most the first
     round's, and the weight lies on the scales the quantizer keeps. Formats without refitted scales (FP8 per
     tensor) have nothing to alternate: one round."""
-    from lowbit.algorithms.calibrate import _codes_and_scales, _row_errors
+    from lowbit.algorithms.calibrate import _codes_and_scales
+    from lowbit.algorithms.stats import row_output_errors
     from lowbit.quant.linear import QuantLinear, QuantSpec
     from lowbit.quant.recipe import AlgorithmParams
 
@@ -334,7 +335,7 @@ def test_gptq_rounds_never_raise_a_rows_error_and_stay_on_the_grid(fmt):
         q = _codes_and_scales(lin, lin.weight, h, AlgorithmParams(gptq_rounds=rounds), "test")
         quantizer = lin.weight_quantizer.quantizers()[0]
         assert torch.equal(fake_quant(q, fmt, amax=quantizer.amax, global_amax=quantizer.global_amax), q)
-        result[rounds] = _row_errors(q - base.weight, h)
+        result[rounds] = row_output_errors(q - base.weight, h)
     if fmt.granularity == "group":
         assert (result[6] <= result[1]).all() and result[6].sum() < 0.97 * result[1].sum()
     else:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms import gptq, routers, search, smoothing
-from lowbit.algorithms.stats import InputStats, collect_inputs, reference_inputs
+from lowbit.algorithms.stats import InputStats, collect_inputs, reference_inputs, row_output_errors
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
 from lowbit.models import moe
@@ -647,7 +647,7 @@ def _codes_and_scales(lin: QuantLinear, target: Tensor, h: Tensor, params: Algor
         if refit is None:
             return q
         q, amax = refit
-        err = _row_errors(q - target.float(), h)
+        err = row_output_errors(q - target.float(), h.float())
         if best is None:
             best, best_amax, best_err = q, amax, err
             continue
@@ -659,11 +659,6 @@ def _codes_and_scales(lin: QuantLinear, target: Tensor, h: Tensor, params: Algor
     assert best is not None
     lin.weight_quantizer.quantizers()[0].amax = best_amax
     return best
-
-
-def _row_errors(diff: Tensor, h: Tensor) -> Tensor:
-    """Each row's (w - q) H (w - q)^T."""
-    return ((diff @ h.float()) * diff).sum(1)
 
 
 def _refit_scales(lin: QuantLinear, target: Tensor, q: Tensor, h: Tensor) -> tuple[Tensor, Tensor] | None:

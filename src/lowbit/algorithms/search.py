@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.algorithms.stats import row_output_errors
 from lowbit.formats.elements import round_to_grid
 from lowbit.formats.scaled import (
     ScaledFormat,
@@ -141,7 +142,7 @@ def refit_group_amax(
     new_eff = scale_from_amax(new_amax, fmt, g) * (g if g is not None else 1.0)  # on the scale grid
     new_wq = (codes * new_eff[..., None]).view(out, n)
     new_wq = fake_quant(new_wq, fmt, amax=new_amax, global_amax=global_amax)  # exactly as the quantizer has it
-    old_err = ((wq - w) @ h * (wq - w)).sum(1)
-    new_err = ((new_wq - w) @ h * (new_wq - w)).sum(1)
+    old_err = row_output_errors(wq - w, h)
+    new_err = row_output_errors(new_wq - w, h)
     better = (new_err < old_err)[:, None]
     return torch.where(better, new_amax, amax.float().reshape(new_amax.shape)), torch.where(better, new_wq, wq)

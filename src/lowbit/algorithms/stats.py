@@ -119,7 +119,12 @@ class InputStats:
 
 def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
     """Mean squared output change per token, summed over outputs: tr(D H D^T) for D (out, in)."""
-    return ((delta @ hessian) * delta).sum()
+    return row_output_errors(delta, hessian).sum()
+
+
+def row_output_errors(delta: Tensor, hessian: Tensor) -> Tensor:
+    """Each output's mean squared change per token: the diagonal of D H D^T for D (out, in)."""
+    return ((delta @ hessian) * delta).sum(1)
 
 
 RECENT_INPUTS = 4  # inputs remembered for sharing: a MoE block reads its input again after each expert
