@@ -243,3 +243,36 @@ def test_float_outputs_replace_the_inputs_in_place_where_no_second_pass_reads_th
     assert default.keys() == other.keys() and any(".1." in k for k in default)
     same = all(torch.equal(t, other[k]) for k, t in default.items())
     assert same is (kv is None)
+
+
+def test_stage_passes_end_after_the_stage_and_change_nothing(tiny_llama, calib_ids, tmp_path, monkeypatch):
+    """True-sequential GPTAQ's stage passes stop each forward after the stage's last Linear: down_proj (the
+    last module) runs in fewer forwards than when every pass runs to the end, and the checkpoint is the same."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    from lowbit.algorithms import layerwise
+
+    config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
+    runs = {}
+    for stop in (True, False):
+        if not stop:
+            monkeypatch.setattr(layerwise, "stopping_after", lambda module: contextlib.nullcontext())
+        calls = [0]
+
+        def count(module, args, out, calls=calls):
+            if isinstance(module, torch.nn.Linear) and module.in_features == config.intermediate_size:
+                calls[0] += 1
+
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            out = quantize_checkpoint(tiny_llama, preset("int4_awq").with_algorithm("gptaq"), tmp_path / str(stop),
+                                      calib_ids, batch_size=4, progress=False)  # fmt: skip
+        finally:
+            handle.remove()
+        files = sorted(out.output.glob("*-layer-*.safetensors"))
+        runs[stop] = (calls[0], {k: t for p in files for k, t in load_file(p).items()})
+    (stopped, a), (full, b) = runs[True], runs[False]
+    assert 0 < stopped < full
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
