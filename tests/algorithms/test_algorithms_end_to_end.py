@@ -172,7 +172,7 @@ def test_gptaq_equals_gptq_on_layer_0_and_leaves_the_activation_statistics_alone
 
 def test_true_sequential_gptaq_lowers_kl_against_gptaq_at_once(tmp_path, data):
     """GPTAQ module by module in forward order, each towards the float layer's output, corrects the error of
-    the modules before it in its layer too (docs/results.md section 14: -11% KL on pydocs-llama)."""
+    the modules before it in its layer too (docs/results.md section 14: -10% KL on pydocs-llama)."""
     at_once, _ = _kl(tmp_path / "at-once", data, "int4_awq", "awq_full+gptaq", true_sequential=False)
     staged, manifest = _kl(tmp_path / "staged", data, "int4_awq", "awq_full+gptaq")
     assert manifest["gptq_true_sequential"] is True

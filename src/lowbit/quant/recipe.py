@@ -72,7 +72,7 @@ class AlgorithmParams:
     # GPTQ module by module in the layer's forward order (q/k/v, o, gate/up, down): each one's Hessian (and
     # GPTAQ's cross term) from inputs computed with the modules before it in the layer already quantized.
     # None: on with sequential GPTAQ (its float target then also corrects the error of the modules before
-    # it: -11% KL on pydocs-llama), off with GPTQ (no gain measured); docs/results.md section 14
+    # it: -10% KL on pydocs-llama), off with GPTQ (no gain measured); docs/results.md section 14
     true_sequential: bool | None = None
     # GPTAQ: fraction of the float-input correction W D H^-1 in GPTQ's target. None: 1.0 true-sequential,
     # 0.25 otherwise (the best of each sweep in docs/results.md)
