@@ -27,7 +27,7 @@ def main() -> None:
         a, b, qq = x.to(dtype), w.to(dtype), q.to(dtype)
         lin = timed(lambda: F.linear(a, b), 20)  # noqa: B023
         att = timed(lambda: F.scaled_dot_product_attention(qq, qq, qq, is_causal=True), 5)  # noqa: B023
-        print(f"{str(dtype):15s} linear {lin * 1e3:6.1f} ms ({2 * 8192 * 256 * 768 / lin / 1e9:5.0f} GFLOPS)  "
+        print(f"{dtype!s:15s} linear {lin * 1e3:6.1f} ms ({2 * 8192 * 256 * 768 / lin / 1e9:5.0f} GFLOPS)  "
               f"sdpa {att * 1e3:6.1f} ms")
 
 

@@ -264,7 +264,8 @@ def _count_modified(model, before: dict[str, torch.Tensor]) -> int:
     n = 0
     for name, w in before.items():
         cur = getattr(mods.get(name), "weight", None)
-        if not isinstance(cur, torch.Tensor) or cur.shape != w.shape or not torch.equal(cur.detach().float(), w.float()):
+        same = isinstance(cur, torch.Tensor) and cur.shape == w.shape and torch.equal(cur.detach().float(), w.float())
+        if not same:
             n += 1
     return n
 
