@@ -230,7 +230,8 @@ def test_algorithm_and_its_parameters_from_the_command_line_and_the_error_report
     out = tmp_path / "gptq"
     argv = _quant_args(tiny_llama, text_file, out, "--qformat", "int4_awq", "--algorithm", "awq+gptq",
                        "--sq-alpha", "0.7", "--gptq-damp", "0.02", "--no-gptq-act-order",
-                       "--true-sequential", "--gptq-rounds", "2")  # fmt: skip
+                       "--true-sequential", "--gptq-rounds", "2", "--moe-weighting", "uniform",
+                       "--moe-weight-floor", "0.01")  # fmt: skip
     code, stdout, _ = run(capsys, *argv)
     assert code == 0 and "algorithm awq_lite+gptq" in stdout
     manifest = json.loads((out / "lowbit.json").read_text())
@@ -238,6 +239,7 @@ def test_algorithm_and_its_parameters_from_the_command_line_and_the_error_report
     assert params["sq_alpha"] == 0.7 and params["gptq_damp"] == 0.02 and params["gptq_act_order"] is False
     assert params["true_sequential"] is True and manifest["gptq_true_sequential"] is True
     assert params["gptq_rounds"] == 2
+    assert params["moe_weighting"] == "uniform" and params["moe_weight_floor"] == 0.01
 
     code, stdout, _ = run(capsys, "inspect", str(out))
     assert code == 0 and "out err RTN dB" in stdout

@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPTAQ: refit MoE routers (kept in high precision) to the float model's logits (default on)",
     )  # fmt: skip
     q.add_argument(
+        "--moe-weighting", choices=("routed", "uniform"), default=None,
+        help="MoE experts: weight each calibration token in an expert's statistics by its routing weight "
+        "squared plus --moe-weight-floor (routed, the default), or alike (uniform)",
+    )  # fmt: skip
+    q.add_argument(
+        "--moe-weight-floor", type=float, default=None,
+        help="MoE experts, routed weighting: the weight of a token the router did not send, relative to the "
+        "mean routed weight squared (default 0.001)",
+    )  # fmt: skip
+    q.add_argument(
         "--gptq-act-order",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -258,6 +268,8 @@ def _recipe(args: argparse.Namespace) -> Any:
         "gptq_block_size",
         "gptaq_alpha",
         "gptaq_routers",
+        "moe_weighting",
+        "moe_weight_floor",
         "gptq_act_order",
         "gptq_rounds",
         "true_sequential",

@@ -137,6 +137,10 @@ def test_calib_dtype_must_be_known():
         preset("fp8").with_params(calib_dtype="bf16")
     with pytest.raises(LowbitError, match=r"gptq_rounds 0: use 1 or more"):
         preset("int4_awq").with_params(gptq_rounds=0)
+    with pytest.raises(LowbitError, match=r"unknown moe_weighting 'route' \(did you mean 'routed'\?\)"):
+        preset("int4_awq").with_params(moe_weighting="route")
+    with pytest.raises(LowbitError, match=r"moe_weight_floor 0: use a positive number"):
+        preset("int4_awq").with_params(moe_weight_floor=0)
 
 
 def test_gptq_stores_refitted_group_scales(tiny_llama, calib_ids, tmp_path):

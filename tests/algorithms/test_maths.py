@@ -179,6 +179,30 @@ def test_shared_inputs_share_statistics_and_hessian_is_the_second_moment():
     torch.testing.assert_close(stats["a"].absmean, flat.abs().mean(0))
 
 
+@pytest.mark.parametrize("hessian_rows", [None, 40])
+def test_weighted_rows_count_as_repeated_rows(hessian_rows):
+    """A MoE expert's statistics weight each token (routing weight^2 + floor): integer weights give what the
+    rows repeated that many times give, except amax, which stays over every row (a weight-0 row too)."""
+    torch.manual_seed(0)
+    x, ref = torch.randn(6, 8), torch.randn(6, 8)
+    w = torch.tensor([2.0, 1.0, 0.0, 3.0, 1.0, 2.0])
+    rep = torch.repeat_interleave(torch.arange(6), w.long())
+    weighted, repeated = InputStats(8, hessian_rows), InputStats(8, hessian_rows)
+    weighted.add(x, w)
+    weighted.add_cross(x, ref, w)
+    repeated.add(x[rep])
+    repeated.add_cross(x[rep], ref[rep])
+    for key in ("hessian", "absmean", "cross"):
+        torch.testing.assert_close(getattr(weighted, key), getattr(repeated, key))
+    torch.testing.assert_close(
+        weighted.output_error(torch.ones(2, 8)), repeated.output_error(torch.ones(2, 8))
+    )
+    assert torch.equal(weighted.amax, x.abs().amax(0)) and not torch.equal(
+        weighted.amax, x[rep].abs().amax(0)
+    )
+    assert weighted.n == 6 and weighted.mass == 9.0
+
+
 def test_input_stats_follow_smoothing():
     x = torch.randn(50, 8)
     s = torch.rand(8) + 0.5

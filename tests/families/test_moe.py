@@ -118,8 +118,17 @@ def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, t
                                                       algorithm):  # fmt: skip
     """AWQ / SmoothQuant fold scales into the norm before the experts; the router reads that norm too and
     takes the scales, so the checkpoint's float weights compute the original model (up to BF16 rounding).
-    Nemotron-H also folds into Mamba-2's gated norm (before out_proj) and the shared expert."""
-    src = tiny_factory(model_type, 4 if model_type == "nemotron_h" else 2)
+    The scales of a fold that reaches a router are powers of two, so the router's input and weight change by
+    exact factors and it routes every token as before. Nemotron-H also folds into Mamba-2's gated norm
+    (before out_proj) and the shared expert."""
+    norm = router.rsplit(".", 2)[0] + (".norm" if model_type == "nemotron_h" else ".post_attention_layernorm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory(model_type, 4 if model_type == "nemotron_h" else 2))
+    with torch.no_grad():  # outlier channels before the experts, for the scales to move
+        model.get_submodule(norm).weight[:8] *= 16
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for f in tiny_factory(model_type, 2).glob("tokenizer*"):
+        (src / f.name).write_bytes(f.read_bytes())
     preset = "int4_awq" if algorithm == "awq_full" else "int8_sq"
     out = str(tmp_path / "q")
     args = ["quantize", "--model", str(src), "--qformat", preset, "--algorithm", algorithm, "--calib-data",
@@ -127,19 +136,14 @@ def test_smoothing_into_experts_keeps_the_float_model(tiny_factory, text_file, t
     assert main(args) == 0
     smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    norm = router.rsplit(".", 2)[0] + (".norm" if model_type == "nemotron_h" else ".post_attention_layernorm")
-    assert not torch.equal(
-        smoothed.get_submodule(norm).weight, original.get_submodule(norm).weight
-    )  # smoothed
-    logits = {}
-    for key, model in (("smoothed", smoothed), ("original", original)):
-        model.get_submodule(router).register_forward_hook(lambda m, a, out, k=key: logits.update({k: out[0]}))
-        with torch.no_grad():
-            logits[key + " output"] = model(IDS).logits
-    # the router sees the same input: its logits change by BF16 rounding only (7% without the fold)
-    delta = (logits["smoothed"] - logits["original"]).abs().max() / logits["original"].abs().max()
-    assert float(delta) < 0.02
-    a, b = logits["smoothed output"], logits["original output"]
+    n_s, n_o = smoothed.get_submodule(norm).weight, original.get_submodule(norm).weight
+    assert not torch.equal(n_s, n_o)  # smoothed
+    r_s, r_o = smoothed.get_submodule(router).weight, original.get_submodule(router).weight
+    ratio = n_o / n_s  # the folded scale per channel: a power of two, exactly what the router took
+    assert torch.equal(ratio, torch.exp2(torch.log2(ratio).round()))
+    assert torch.equal(r_s, r_o * ratio)
+    with torch.no_grad():
+        a, b = smoothed(IDS).logits, original(IDS).logits
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
 
 
@@ -282,3 +286,76 @@ def test_true_sequential_gptaq_quantizes_each_layer_in_forward_stages(tiny_facto
                [f"mlp.experts.{e}.w2" for e in range(4)])  # fmt: skip
     attention = [f"self_attn.{p}_proj" for p in "kqv"], ["self_attn.o_proj"]
     assert calls == 2 * [sorted(names) for names in (*attention, *mlp)]
+
+
+def _routing_of(block: torch.nn.Module, x: torch.Tensor, floor: float | None):
+    """(the expert Linears' statistics, the experts' inputs, top-k indices, top-k weights) of one calibrating
+    forward of a MoE block with the given weighting floor."""
+    from lowbit.algorithms.stats import collect_inputs
+    from lowbit.models import moe
+
+    experts = block.experts
+    seen = {}
+    hook = experts.register_forward_pre_hook(lambda m, a: seen.update(args=a))
+    linears = {n: m for n, m in experts.named_modules() if isinstance(m, torch.nn.Linear)}
+    with collect_inputs(linears, None) as stats, torch.no_grad():
+        moe.set_calibrating(block, True, floor)
+        try:
+            calibrating = block(x)
+        finally:
+            moe.set_calibrating(block, False)
+    hook.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(calibrating, block(x))  # the output stays the routed one
+    return stats, *seen["args"]
+
+
+def test_routed_weighting_weights_each_token_by_its_routing_weight_squared(tiny_factory):
+    """Under routed weighting an expert's statistics weight every token by (its routing weight to the expert)^2
+    plus the floor (relative to the mean routed weight squared): the expert's share of the block's squared
+    output error. Gate and up of one expert share
+    statistics, experts do not; under uniform weighting all experts' gate/up share one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory("qwen3_moe", 1), dtype=torch.float32).eval()
+    unfuse_known(model)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 12, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    stats, h, idx, weights = _routing_of(block, x, 0.01)
+    for e, expert in enumerate(block.experts):
+        w = torch.zeros(len(h))
+        tok, pos = torch.where(idx == e)
+        w[tok] = weights[tok, pos].square()
+        w += 0.01 * weights.square().mean()  # the floor is relative to the mean routed weight squared
+        inter = torch.nn.functional.silu(expert.gate_proj(h)) * expert.up_proj(h)
+        for name, inputs in ((f"{e}.gate_proj", h), (f"{e}.down_proj", inter)):
+            expected = (inputs * w[:, None]).t() @ inputs / w.sum()
+            torch.testing.assert_close(stats[name].hessian, expected.detach(), rtol=1e-4, atol=1e-6)
+        assert stats[f"{e}.gate_proj"] is stats[f"{e}.up_proj"]
+        assert stats[f"{e}.gate_proj"].n == len(h)  # every token, weighted
+    assert stats["0.gate_proj"] is not stats["1.gate_proj"]
+    uniform, *_ = _routing_of(block, x, None)
+    assert (
+        len({id(uniform[f"{e}.{p}"]) for e in range(len(block.experts)) for p in ("gate_proj", "up_proj")})
+        == 1
+    )
+
+
+def test_routed_weighting_lowers_the_blocks_output_error(tiny_factory, calib_ids):
+    """GPTQ on routing-weighted statistics fits each expert to the tokens the router sends it, so the MoE
+    block's routed output error on the calibration tokens is lower than with every token alike (attention
+    kept in float, so both runs route the same tokens)."""
+    import lowbit.quant as lq
+
+    src = tiny_factory("qwen3_moe", 1)
+    ids = calib_ids[:8]
+    outputs = {}
+    for run in ("float", "routed", "uniform"):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        if run != "float":
+            recipe = lq.preset("int4_awq").with_algorithm("gptq").with_exclude("*self_attn*")
+            lq.quantize(model, recipe.with_params(moe_weighting=run), forward_loop=lambda m: m(ids))
+        block = model.model.layers[0].mlp
+        block.register_forward_hook(lambda m, a, out, r=run: outputs.update({r: out}))
+        with torch.no_grad():
+            model(ids)
+    err = {run: float((outputs[run] - outputs["float"]).pow(2).sum()) for run in ("routed", "uniform")}
+    assert err["routed"] < 0.9 * err["uniform"], err

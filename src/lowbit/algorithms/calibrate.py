@@ -105,7 +105,7 @@ def calibrate_layer(
     absmean = bool(steps & {"awq_lite", "awq_full"})
     with collect_inputs(linears, None if full_h else REPORT_ROWS, absmean) as stats, \
             routers.record_targets(moe_routers) as router_fits, _inputs_from_stats(linears, derived):  # fmt: skip
-        _observe(layer, forward_loop)
+        _observe(layer, forward_loop, params)
     _derive_input_stats(linears, stats, [n for n in derived if n in stats])
     report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
               for n, lin in linears.items() if n in stats}  # fmt: skip
@@ -137,7 +137,7 @@ def calibrate_layer(
             entry["tokens"] = stats[n].n
     if repass:
         _reset_activation_stats(layer)
-        _observe(layer, forward_loop)
+        _observe(layer, forward_loop, params)
     if sample:
         _activation_search(layer, steps, params)
     _set_sampling(layer, False)
@@ -233,16 +233,22 @@ def kept_statistics(layer: nn.Module) -> Iterator[None]:
             m.routed = counts
 
 
+def expert_floor(params: AlgorithmParams) -> float | None:
+    """The floor of each token's weight in a MoE expert's statistics (moe.ExpertList), None: uniform."""
+    return params.moe_weight_floor if params.moe_weighting == "routed" else None
+
+
 def _observe(
-    layer: nn.Module, forward_loop: Callable[..., None], quantized: list[QuantLinear] | None = None,
-    reference: bool = False, stop_after: nn.Module | None = None,
+    layer: nn.Module, forward_loop: Callable[..., None], params: AlgorithmParams,
+    quantized: list[QuantLinear] | None = None, reference: bool = False, stop_after: nn.Module | None = None,
 ) -> None:  # fmt: skip
     """One calibration pass: quantizers observe, Linears compute in float (those in `quantized` quantized),
-    every MoE expert sees every token (the layer's output stays the routed one). A later pass (`quantized`
-    given) tells the loop whether to run each batch of the float model's activations before it again
-    (`reference`, GPTAQ's reference pass) and where its forwards may end (`stop_after`)."""
+    every MoE expert sees every token (the layer's output stays the routed one; its statistics weight the
+    tokens by routing, `params.moe_weighting`). A later pass (`quantized` given) tells the loop whether to run
+    each batch of the float model's activations before it again (`reference`, GPTAQ's reference pass) and
+    where its forwards may end (`stop_after`)."""
     set_calibrating(layer, True)
-    moe.set_calibrating(layer, True)
+    moe.set_calibrating(layer, True, expert_floor(params))
     for lin in quantized or []:
         lin.calibrating = False
     try:
@@ -393,8 +399,10 @@ def _smooth(
         if any(m is None for m in members) or any(n not in stats for n in group.linears):
             continue  # part of the group is not quantized (or never ran)
         mods = [m for m in members if m is not None]
-        st = stats[group.linears[0]]
-        if any(stats[n] is not st for n in group.linears):
+        own = [stats[n] for n in group.linears]  # experts weighted by routing: one InputStats each
+        distinct = list({id(st): st for st in own}.values())
+        st = distinct[0]
+        if any(o.amax is None or st.amax is None or not torch.equal(o.amax, st.amax) for o in distinct[1:]):
             log.warning("%s: %s do not read one tensor; not smoothed", info.prefix, ", ".join(group.linears))
             continue
         if method == "smoothquant" and all(m.input_quantizer is None for m in mods):
@@ -405,36 +413,49 @@ def _smooth(
             continue
         cmap_t = cmap if isinstance(cmap, Tensor) else None
         n_prev = _out_channels(prev)
+        also = [n for n in group.also if n in names]
+        # a router (kept in high precision) reads this input too: powers of two keep its fold exact in the
+        # stored dtype, so it routes every token as before (a rounded router weight flips near-ties)
+        exact = bool(also)
         if method == "smoothquant":
             assert st.amax is not None
             a = smoothing.pool(st.amax, cmap_t, n_prev, "amax")
             w = smoothing.pool(smoothing.weight_amax([m.weight for m in mods]), cmap_t, n_prev, "amax")
             s = smoothing.smoothquant_scales(a, w, params.sq_alpha)
+            s = smoothing.power_of_two(s) if exact else s
         else:
-            s = _awq_scale(mods, st, cmap_t, n_prev, params)
-        also = [n for n in group.also if n in names]
+            s = _awq_scale(mods, own, cmap_t, n_prev, params, exact)
         extra = [layer.get_submodule(n) for n in also]
         smoothing.fold(prev, [*mods, *extra], s, cmap_t, norm_offset=info.family.norm_offset)
         _round_to_storage(layer, info, [group.prev, *group.linears, *also])
-        st.scale_inputs(smoothing.expand(s, cmap_t))
+        for o in distinct:
+            o.scale_inputs(smoothing.expand(s, cmap_t))
         smoothed.append(group)
     return smoothed
 
 
 def _awq_scale(
-    mods: list[QuantLinear], st: InputStats, cmap: Tensor | None, n_prev: int, params: AlgorithmParams
-) -> Tensor:
-    h = st.hessian
-    assert h is not None
+    mods: list[QuantLinear], stats: list[InputStats], cmap: Tensor | None, n_prev: int, params: AlgorithmParams,
+    power_of_two: bool = False,
+) -> Tensor:  # fmt: skip
+    """AWQ's scale for Linears reading one input, `stats[i]` the statistics of `mods[i]` (the same object for
+    all but routing-weighted experts, whose mean |x| is then the weighted mean over all of them); with
+    `power_of_two` every candidate is rounded to powers of two."""
+    hessians = [h for h in (st.hessian for st in stats) if h is not None]
+    assert len(hessians) == len(mods)
     g = mods[0].spec.weight[0].block_size
-    x_mean = smoothing.pool(st.absmean, cmap, n_prev, "mean")
+    distinct = list({id(st): st for st in stats}.values())
+    abssum = torch.stack([st.abssum for st in distinct if st.abssum is not None]).sum(0)
+    x_mean = smoothing.pool(abssum / max(sum(st.mass for st in distinct), 1e-30), cmap, n_prev, "mean")
     w_mean = smoothing.pool(smoothing.weight_importance([m.weight for m in mods], g), cmap, n_prev, "mean")
     candidates = smoothing.awq_candidates(x_mean, w_mean, params.awq_grid)
+    if power_of_two:
+        candidates = [(label, smoothing.power_of_two(c)) for label, c in candidates]
 
     def quantize(w: Tensor) -> Tensor:
         return chain_fake_quant(w, mods[0])
 
-    s, label, _ = smoothing.awq_search([m.weight for m in mods], h, candidates, quantize, cmap)
+    s, label, _ = smoothing.awq_search([m.weight for m in mods], hessians, candidates, quantize, cmap)
     log.debug("AWQ scale %s", label)
     return s
 
@@ -594,7 +615,8 @@ def _gptq_in_stages(
             current = stats
             if k:
                 with collect_inputs(group, None, absmean=False) as current, kept_statistics(layer):
-                    _observe(layer, forward_loop, quantized=done, reference=paired, stop_after=group[stage[-1]])
+                    _observe(layer, forward_loop, params, quantized=done, reference=paired,
+                             stop_after=group[stage[-1]])  # fmt: skip
             for lin in group.values():
                 lin.float_weight = lin.weight.detach().clone() if paired else None
             errors.update(_gptq(group, current, info, params, alpha, measure=stats))

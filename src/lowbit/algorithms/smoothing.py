@@ -72,6 +72,12 @@ def awq_candidates(x_mean: Tensor, w_mean: Tensor, grid: int) -> list[tuple[str,
     return out
 
 
+def power_of_two(s: Tensor) -> Tensor:
+    """s rounded to the nearest power of two (in log scale): multiplying and dividing by it is exact in any
+    binary floating-point dtype, so a fold with it changes no stored value beyond its exponent."""
+    return torch.exp2(torch.log2(s.float()).round())
+
+
 def _normalise(s: Tensor) -> Tensor:
     s = s.clamp(SCALE_MIN, SCALE_MAX)
     return s / (s.max() * s.min()).sqrt()
@@ -79,18 +85,19 @@ def _normalise(s: Tensor) -> Tensor:
 
 def awq_search(
     weights: Sequence[Tensor],
-    hessian: Tensor,
+    hessian: Tensor | Sequence[Tensor],
     candidates: Sequence[tuple[str, Tensor]],
     quantize: Callable[[Tensor], Tensor],
     channel_map: Tensor | None = None,
 ) -> tuple[Tensor, str, list[float]]:
     """(best s, its label, loss of every candidate): the loss is the output error of the smoothed,
-    quantized weights `sum_l tr(D_l H D_l^T)`, D_l = Q(W_l * s) / s - W_l."""
+    quantized weights `sum_l tr(D_l H_l D_l^T)`, D_l = Q(W_l * s) / s - W_l (one H for all, or one each)."""
     losses = []
     ws = [w.detach().float() for w in weights]
+    hs = [hessian] * len(ws) if isinstance(hessian, Tensor) else list(hessian)
     for _, s in candidates:
         si = expand(s, channel_map)
-        loss = sum(float(output_error(quantize(w * si) / si - w, hessian)) for w in ws)
+        loss = sum(float(output_error(quantize(w * si) / si - w, h)) for w, h in zip(ws, hs, strict=True))
         losses.append(loss)
     best = min(range(len(losses)), key=losses.__getitem__)
     return candidates[best][1], candidates[best][0], losses

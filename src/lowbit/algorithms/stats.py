@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lowbit.models import moe
+
 
 @dataclass
 class InputStats:
     in_features: int
     hessian_rows: int | None = None  # tokens per batch that go into the Hessian (None: all)
     track_absmean: bool = True  # False: no absmean (only AWQ reads it), one pass less over each input
-    n: int = 0
-    n_hessian: int = 0
+    n: int = 0  # rows seen
+    mass: float = 0.0  # their total weight (= n without weights)
+    n_hessian: float = 0.0  # total weight of the rows in the Hessian
+    rows_seen: int = 0  # rows that went into the Hessian
     amax: Tensor | None = None
     abssum: Tensor | None = None
     hessian_sum: Tensor | None = field(default=None, repr=False)
@@ -35,27 +39,38 @@ class InputStats:
     # in x in Hessian; the error report of a wide Linear such as down_proj needs no 127 MB matrix)
     rows: list[Tensor] = field(default_factory=list, repr=False)
     cross_sum: Tensor | None = field(default=None, repr=False)  # sum (x_f - x_q) x_q^T (GPTAQ)
-    n_cross: int = 0
+    n_cross: float = 0.0
 
     @torch.no_grad()
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, weight: Tensor | None = None) -> None:
+        """Accumulate the rows of x; `weight` (rows,) weights each row in absmean, the Hessian and the cross
+        term (a routed expert's tokens, `moe.token_weights`); amax stays over every row."""
         x = x.detach().reshape(-1, self.in_features)
+        if weight is not None:
+            weight = weight.detach().reshape(-1).float()
         if self.track_absmean:
             a = x.float().abs()
             amax = a.amax(0)
-            self.abssum = a.sum(0) if self.abssum is None else self.abssum.add_(a.sum(0))
+            part = a.sum(0) if weight is None else weight @ a
+            self.abssum = part if self.abssum is None else self.abssum.add_(part)
             del a
         else:  # max |x| without a |x| copy; exact in the input's dtype
             amax = torch.maximum(x.amax(0), x.amin(0).neg()).float()
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         self.n += x.shape[0]
+        self.mass += x.shape[0] if weight is None else float(weight.sum())
         if (
             self.hessian_rows is not None and x.shape[0] > self.hessian_rows
         ):  # evenly spaced tokens of this batch
-            x = x[torch.linspace(0, x.shape[0] - 1, self.hessian_rows, device=x.device).long()]
+            pick = torch.linspace(0, x.shape[0] - 1, self.hessian_rows, device=x.device).long()
+            x = x[pick]
+            weight = None if weight is None else weight[pick]
         x = x.float()
-        self.n_hessian += x.shape[0]
-        if self.hessian_rows is not None and self.hessian_sum is None and self.n_hessian < self.in_features:
+        self.n_hessian += x.shape[0] if weight is None else float(weight.sum())
+        if weight is not None:
+            x = x * weight.sqrt()[:, None]
+        self.rows_seen += x.shape[0]
+        if self.hessian_rows is not None and self.hessian_sum is None and self.rows_seen < self.in_features:
             self.rows.append(x.clone())
             return
         if self.hessian_sum is None:
@@ -66,32 +81,38 @@ class InputStats:
         self.hessian_sum.addmm_(x.t(), x)
 
     @torch.no_grad()
-    def add_cross(self, x: Tensor, reference: Tensor) -> None:
-        """Accumulate (x_f - x_q) x_q^T for the float model's input `reference` of the same tokens as x."""
+    def add_cross(self, x: Tensor, reference: Tensor, weight: Tensor | None = None) -> None:
+        """Accumulate (x_f - x_q) x_q^T for the float model's input `reference` of the same tokens as x (rows
+        weighted as in `add`)."""
         x = x.detach().reshape(-1, self.in_features).float()
         e = reference.detach().reshape(-1, self.in_features).float() - x
         if self.cross_sum is None:
             self.cross_sum = torch.zeros(self.in_features, self.in_features, device=x.device)
+        if weight is not None:
+            w = weight.detach().reshape(-1).float()
+            e = e * w[:, None]
+            self.n_cross += float(w.sum())
+        else:
+            self.n_cross += x.shape[0]
         self.cross_sum.addmm_(e.t(), x)
-        self.n_cross += x.shape[0]
 
     @property
     def cross(self) -> Tensor | None:
         """E[(x_f - x_q) x_q^T] (in x in), None without a reference pass."""
-        return None if self.cross_sum is None else self.cross_sum / max(self.n_cross, 1)
+        return None if self.cross_sum is None else self.cross_sum / max(self.n_cross, 1e-30)
 
     @property
     def absmean(self) -> Tensor:
         assert self.abssum is not None
-        return self.abssum / max(self.n, 1)
+        return self.abssum / max(self.mass, 1e-30)
 
     @property
     def hessian(self) -> Tensor | None:
         """E[x x^T] over the tokens seen (fp32, in x in)."""
         if self.rows:
             x = torch.cat(self.rows)
-            return x.t() @ x / max(self.n_hessian, 1)
-        return None if self.hessian_sum is None else self.hessian_sum / max(self.n_hessian, 1)
+            return x.t() @ x / max(self.n_hessian, 1e-30)
+        return None if self.hessian_sum is None else self.hessian_sum / max(self.n_hessian, 1e-30)
 
     def output_error(self, delta: Tensor) -> Tensor | None:
         """tr(D H D^T) for a weight change D (out, in) on these inputs; None without a Hessian."""
@@ -99,7 +120,7 @@ class InputStats:
             total = torch.zeros((), device=delta.device)
             for r in self.rows:
                 total += (r @ delta.t()).pow(2).sum()
-            return total / max(self.n_hessian, 1)
+            return total / max(self.n_hessian, 1e-30)
         h = self.hessian
         return None if h is None else output_error(delta, h)
 
@@ -168,9 +189,11 @@ def collect_inputs(
     """Hooks that fill {name: InputStats} while the caller runs forward passes. Linears called with the very
     same tensor object as one of the last few Linears (q/k/v, gate/up, every expert of a MoE block during
     calibration) share that one's InputStats, so a shared input is accumulated once. A forward under
-    `reference_inputs()` before a forward adds E[(x_f - x_q) x_q^T] (`InputStats.cross`)."""
+    `reference_inputs()` before a forward adds E[(x_f - x_q) x_q^T] (`InputStats.cross`). Inside a MoE expert
+    under token weighting (`moe.token_weights`) the rows are weighted, and only the Linears of one expert
+    (the same weights) share."""
     stats: dict[str, InputStats] = {}
-    recent: list[tuple[Tensor, InputStats]] = []  # kept alive, so identity is reliable
+    recent: list[tuple[Tensor, Tensor | None, InputStats]] = []  # kept alive, so identity is reliable
     pending: dict[str, Tensor] = {}  # the reference input of each Linear, until its next forward
 
     def hook(name: str, args: tuple[Tensor, ...]) -> None:
@@ -179,19 +202,20 @@ def collect_inputs(
             pending[name] = x.detach()
             return
         reference = pending.pop(name, None)
-        seen = next((i for i, (t, _) in enumerate(recent) if _same(t, x)), None)
+        weight = moe.token_weights()
+        seen = next((i for i, (t, w, _) in enumerate(recent) if w is weight and _same(t, x)), None)
         if seen is not None:
             shared = recent.pop(seen)
             recent.append(shared)
-            own = stats.setdefault(name, shared[1])
-            if own is shared[1]:
+            own = stats.setdefault(name, shared[2])
+            if own is shared[2]:
                 return
         own = stats.setdefault(name, InputStats(x.shape[-1], hessian_rows, absmean))
-        own.add(x)
+        own.add(x, weight)
         if reference is not None and reference.shape == x.shape:
-            own.add_cross(x, reference)
+            own.add_cross(x, reference, weight)
         if seen is None:
-            recent.append((x, own))
+            recent.append((x, weight, own))
             del recent[:-RECENT_INPUTS]
 
     handles = [m.register_forward_pre_hook(lambda _, a, n=name: hook(n, a)) for name, m in linears.items()]

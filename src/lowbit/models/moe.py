@@ -9,13 +9,17 @@ checkpoint load one by one; a model already loaded with fused tensors is split i
 
 Calibration (`calibrating = True`): every expert runs on every token, so each expert's statistics come from
 the whole calibration set, while the block's output stays the routed combination (the next layers see what
-the model computes). `routed` counts the tokens the router actually sent to each expert; an expert with
-none is reported (it is calibrated on all tokens like the others, never left without scales).
+the model computes). With a `weight_floor` (calibration's default, `AlgorithmParams.moe_weighting`) the
+statistics hooks weight each token by its routing weight to the expert squared, plus the floor
+(`token_weights`); without one every token counts alike. `routed` counts the tokens the router actually sent
+to each expert; an expert with none is reported (its statistics are then every token's at the floor's equal
+weight, never missing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,22 +48,55 @@ class Expert(nn.Module):
         return getattr(self, self.down)(h)
 
 
+class _TokenWeights:
+    current: Tensor | None = None
+
+
+def token_weights() -> Tensor | None:
+    """The weight of each token of the expert now running in calibration (its rows' weight in the input
+    statistics), None outside an expert or with uniform weighting."""
+    return _TokenWeights.current
+
+
+@contextlib.contextmanager
+def _weighting(w: Tensor | None) -> Iterator[None]:
+    _TokenWeights.current = w
+    try:
+        yield
+    finally:
+        _TokenWeights.current = None
+
+
 class ExpertList(nn.ModuleList):
     """The experts of one MoE block, called as transformers' fused experts module is:
-    `experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`."""
+    `experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`.
+
+    `weight_floor` (None: uniform) weights each token's rows in an expert's statistics by what the expert's
+    output error costs the block's output: its routing weight squared where the router sent it there, plus
+    for every token `weight_floor` times the batch's mean routing weight squared (so that near misses, and
+    the tokens of an expert the router never chose, still count, alike for any top-k and normalization)."""
 
     def __init__(self, experts: list[Expert]) -> None:
         super().__init__(experts)
         self.calibrating = False
+        self.weight_floor: float | None = None
         self.routed = [0] * len(experts)  # tokens routed to each expert during calibration
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)  # the input's dtype, as Mixtral's and Qwen3-MoE's experts return
+        if self.calibrating and self.weight_floor is not None:  # relative to the mean routed weight squared
+            floor = self.weight_floor * float(top_k_weights.float().square().mean())
         for e, expert in enumerate(self):
             token_idx, pos = torch.where(top_k_index == e)
             if self.calibrating:
                 self.routed[e] += int(token_idx.numel())
-                y = expert(hidden_states)[token_idx]  # statistics from every token, output from the routed
+                w = None
+                if self.weight_floor is not None:
+                    w = hidden_states.new_zeros(hidden_states.shape[0], dtype=torch.float32)
+                    w[token_idx] = top_k_weights[token_idx, pos].float().square()
+                    w += floor
+                with _weighting(w):  # statistics from every token, output from the routed
+                    y = expert(hidden_states)[token_idx]
             elif token_idx.numel():
                 y = expert(hidden_states[token_idx])
             else:
@@ -72,13 +109,14 @@ def expert_lists(root: nn.Module) -> list[tuple[str, ExpertList]]:
     return [(name, m) for name, m in root.named_modules() if isinstance(m, ExpertList)]
 
 
-def set_calibrating(root: nn.Module, flag: bool) -> None:
+def set_calibrating(root: nn.Module, flag: bool, weight_floor: float | None = None) -> None:
     """Route every token through every expert (statistics) while the output stays routed; zero the counts
-    when calibration starts."""
+    when calibration starts. `weight_floor`: see ExpertList."""
     for _, m in expert_lists(root):
         if flag and not m.calibrating:
             m.routed = [0] * len(m)
         m.calibrating = flag
+        m.weight_floor = weight_floor if flag else None
 
 
 def unfuse_experts(model: nn.Module, family: Family) -> int:

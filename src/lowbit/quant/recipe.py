@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -52,6 +53,7 @@ ALGORITHMS = (*ALGORITHM_STEPS, "awq+gptq", "awq_full+gptq", "smoothquant+gptq",
 
 
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
+MOE_WEIGHTINGS = ("routed", "uniform")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,13 @@ class AlgorithmParams:
     # 0.25 otherwise (the best of each sweep in docs/results.md)
     gptaq_alpha: float | None = None
     gptaq_routers: bool = True  # GPTAQ: refit MoE routers (high precision) to the float model's logits
+    # a MoE expert's input statistics (AWQ's mean |x| and loss, GPTQ's Hessian, GPTAQ's cross term) over every
+    # calibration token, each token weighted by what the expert's error costs the block's output: "routed" =
+    # its routing weight squared where the router chose the expert, plus for every token `moe_weight_floor`
+    # times the mean routed weight squared (near misses; an expert the router never chose is calibrated on all
+    # tokens alike); "uniform" = every token alike. The floor: docs/results.md section 16
+    moe_weighting: str = "routed"
+    moe_weight_floor: float = 1e-3
     percentile: float = 99.99  # activation amax percentile ("percentile" step)
     # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
     # model's activations (one pass per layer instead of two, as ModelOpt does); None: True where a step fits
@@ -92,6 +101,16 @@ class AlgorithmParams:
     def __post_init__(self) -> None:
         if self.gptq_rounds < 1:
             raise LowbitError(f"gptq_rounds {self.gptq_rounds}: use 1 or more (1 = GPTQ once, as published)")
+        if self.moe_weighting not in MOE_WEIGHTINGS:
+            raise LowbitError(
+                f"unknown moe_weighting {self.moe_weighting!r}{closest(str(self.moe_weighting), MOE_WEIGHTINGS)}; "
+                f"use one of {', '.join(MOE_WEIGHTINGS)}"
+            )
+        if not self.moe_weight_floor > 0:
+            raise LowbitError(
+                f"moe_weight_floor {self.moe_weight_floor}: use a positive number (it keeps every token in an "
+                "expert's statistics; 0.001 is the default)"
+            )
         if self.calib_dtype not in CALIB_DTYPES:
             raise LowbitError(
                 f"unknown calib_dtype {self.calib_dtype!r}{closest(str(self.calib_dtype), CALIB_DTYPES)}; "
@@ -198,8 +217,11 @@ class Recipe:
                 return rule.pattern
         return "no rule"
 
-    def with_exclude(self, patterns: list[str]) -> Recipe:
-        return replace(self, skips=tuple(patterns) + self.skips)
+    def with_exclude(self, patterns: str | Sequence[str]) -> Recipe:
+        """A copy that leaves modules matching the glob(s) unquantized (one string is one glob)."""
+        return replace(
+            self, skips=((patterns,) if isinstance(patterns, str) else tuple(patterns)) + self.skips
+        )
 
     def with_kv_cache(self, kv: str | None) -> Recipe:
         return replace(self, kv_cache=kv_cache_format(kv))
