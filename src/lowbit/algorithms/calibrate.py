@@ -263,7 +263,7 @@ def _observe(
 
 def _report_routing(layer: nn.Module, info: LayerInfo, report: dict[str, dict[str, Any]]) -> None:
     """Tokens the router sent to each expert, in each expert Linear's report; experts that got none are
-    named in a warning (they are calibrated on every token, as all experts are, so their scales are set)."""
+    named in a warning (they are calibrated on every token, at equal weight, so their scales are set)."""
     for name, counts in moe.routed_report(layer).items():
         full = f"{info.prefix}.{name}" if info.prefix else name
         for key, entry in report.items():
@@ -273,8 +273,8 @@ def _report_routing(layer: nn.Module, info: LayerInfo, report: dict[str, dict[st
         idle = [str(e) for e, c in enumerate(counts) if c == 0]
         if idle:
             log.warning(
-                "%s: expert%s %s routed no calibration tokens (of %d routings); calibrated on every token like "
-                "all experts, so their scales are set; more varied calibration data would route to them",
+                "%s: expert%s %s routed no calibration tokens (of %d routings); calibrated on every token at equal "
+                "weight, so their scales are set; more varied calibration data would route to them",
                 full, "s" if len(idle) > 1 else "", ", ".join(idle), sum(counts),
             )  # fmt: skip
 
