@@ -11,6 +11,7 @@ from lowbit.algorithms import stats as stats_module
 from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import FP8_TENSOR, INT4_G32, INT4_G128, NVFP4, fake_quant, scale_map
+from lowbit.models import moe
 
 
 def _correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -177,6 +178,22 @@ def test_shared_inputs_share_statistics_and_hessian_is_the_second_moment():
     torch.testing.assert_close(stats["a"].hessian, flat.t() @ flat / len(flat))
     assert stats["a"].n == 30
     torch.testing.assert_close(stats["a"].absmean, flat.abs().mean(0))
+
+
+def test_one_input_under_other_token_weights_keeps_its_source():
+    """Experts reading the block's one input each under their own routing weights get their own statistics
+    with one `source` (smoothing folds one scale into all of them); a Linear on another tensor gets another."""
+    torch.manual_seed(0)
+    up0, up1, down = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 4)
+    x = torch.randn(5, 16)
+    with collect_inputs({"up0": up0, "up1": up1, "down": down}, None) as stats:
+        with moe._weighting(torch.rand(5)):
+            down(up0(x))
+        with moe._weighting(torch.rand(5)):
+            up1(x)
+    assert stats["up0"] is not stats["up1"]
+    assert stats["up0"].source == stats["up1"].source != stats["down"].source
+    assert all(st.source is not None for st in stats.values())
 
 
 @pytest.mark.parametrize("hessian_rows", [None, 40])

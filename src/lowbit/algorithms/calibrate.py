@@ -402,7 +402,7 @@ def _smooth(
         own = [stats[n] for n in group.linears]  # experts weighted by routing: one InputStats each
         distinct = list({id(st): st for st in own}.values())
         st = distinct[0]
-        if any(o.amax is None or st.amax is None or not torch.equal(o.amax, st.amax) for o in distinct[1:]):
+        if any(o.source is None or o.source != st.source for o in distinct[1:]):
             log.warning("%s: %s do not read one tensor; not smoothed", info.prefix, ", ".join(group.linears))
             continue
         if method == "smoothquant" and all(m.input_quantizer is None for m in mods):
@@ -441,10 +441,14 @@ def _awq_scale(
     """AWQ's scale for Linears reading one input, `stats[i]` the statistics of `mods[i]` (the same object for
     all but routing-weighted experts, whose mean |x| is then the weighted mean over all of them); with
     `power_of_two` every candidate is rounded to powers of two."""
-    hessians = [h for h in (st.hessian for st in stats) if h is not None]
-    assert len(hessians) == len(mods)
-    g = mods[0].spec.weight[0].block_size
     distinct = list({id(st): st for st in stats}.values())
+    of: dict[int, Tensor] = {}
+    for st in distinct:  # formed once per input (q/k/v share one)
+        h = st.hessian
+        assert h is not None
+        of[id(st)] = h
+    hessians = [of[id(st)] for st in stats]
+    g = mods[0].spec.weight[0].block_size
     abssum = torch.stack([st.abssum for st in distinct if st.abssum is not None]).sum(0)
     x_mean = smoothing.pool(abssum / max(sum(st.mass for st in distinct), 1e-30), cmap, n_prev, "mean")
     w_mean = smoothing.pool(smoothing.weight_importance([m.weight for m in mods], g), cmap, n_prev, "mean")

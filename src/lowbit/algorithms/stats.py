@@ -13,6 +13,7 @@ how AWQ's searches and the error report measure a candidate without keeping the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ class InputStats:
     rows: list[Tensor] = field(default_factory=list, repr=False)
     cross_sum: Tensor | None = field(default=None, repr=False)  # sum (x_f - x_q) x_q^T (GPTAQ)
     n_cross: float = 0.0
+    # which input tensor these rows come from (`collect_inputs`): equal for the routing-weighted statistics of
+    # MoE experts that all read the block's one input, each with its own token weights
+    source: int | None = None
 
     @torch.no_grad()
     def add(self, x: Tensor, weight: Tensor | None = None) -> None:
@@ -194,6 +198,7 @@ def collect_inputs(
     (the same weights) share."""
     stats: dict[str, InputStats] = {}
     recent: list[tuple[Tensor, Tensor | None, InputStats]] = []  # kept alive, so identity is reliable
+    sources = itertools.count()
     pending: dict[str, Tensor] = {}  # the reference input of each Linear, until its next forward
 
     def hook(name: str, args: tuple[Tensor, ...]) -> None:
@@ -203,14 +208,18 @@ def collect_inputs(
             return
         reference = pending.pop(name, None)
         weight = moe.token_weights()
-        seen = next((i for i, (t, w, _) in enumerate(recent) if w is weight and _same(t, x)), None)
+        same_x = [i for i, (t, _, _) in enumerate(recent) if _same(t, x)]
+        seen = next((i for i in same_x if recent[i][1] is weight), None)
         if seen is not None:
             shared = recent.pop(seen)
             recent.append(shared)
             own = stats.setdefault(name, shared[2])
             if own is shared[2]:
                 return
-        own = stats.setdefault(name, InputStats(x.shape[-1], hessian_rows, absmean))
+        if name not in stats:  # the same input read under other token weights: the same source
+            source = recent[same_x[-1]][2].source if same_x else next(sources)
+            stats[name] = InputStats(x.shape[-1], hessian_rows, absmean, source=source)
+        own = stats[name]
         own.add(x, weight)
         if reference is not None and reference.shape == x.shape:
             own.add_cross(x, reference, weight)
