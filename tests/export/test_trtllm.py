@@ -13,7 +13,7 @@ from lowbit.algorithms.layerwise import quantize_checkpoint
 from lowbit.errors import LowbitError
 from lowbit.export.api import ExportOptions
 from lowbit.export.source import Source
-from lowbit.export.trtllm import Parts, export_trtllm, quant_algo, split_parts
+from lowbit.export.trtllm import Parts, codec, export_trtllm, split_parts
 from lowbit.export.writer import ExportWriter
 from lowbit.formats.elements import E2M1, decode
 from lowbit.formats.packing import unpack_nibbles
@@ -145,7 +145,7 @@ def test_codes_and_scales_are_the_checkpoint_qtensors(checkpoints, tmp_path):
 def test_kv_cache_scale_is_max_of_k_and_v_amax_over_448(checkpoints, tmp_path):
     t = ranks(export(checkpoints["fp8"], tmp_path / "kv", tp=2))
     kv = Source(checkpoints["fp8"]).unit("model.layers.0").kv["model.layers.0.self_attn"]
-    expected = (torch.maximum(kv.amax("k"), kv.amax("v")) / 448).reshape(1)
+    expected = (torch.maximum(kv.stats("k").amax, kv.stats("v").amax) / 448).reshape(1)
     for r in t:
         got = r["transformer.layers.0.attention.kv_cache_scaling_factor"]
         assert got.dtype == torch.float32 and torch.equal(got, expected)
@@ -237,7 +237,7 @@ def test_unknown_architecture_needs_decoder_type_and_the_override_works(checkpoi
 
 def test_presets_without_a_trtllm_quant_algo_name_the_fix():
     with pytest.raises(LowbitError, match="use --format hf or compressed-tensors") as err:
-        quant_algo(QuantSpec((MXFP4,), MXFP4_DYNAMIC))
+        codec(QuantSpec((MXFP4,), MXFP4_DYNAMIC))
     assert "\n" not in str(err.value)
 
 

@@ -31,127 +31,59 @@ from tqdm import tqdm
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.export.api import ExportOptions
-from lowbit.export.schemes import (
-    Declared,
-    Scheme,
-    exclude_modules,
-    export_config,
-    input_scale,
-    kind,
-    write_unit,
-)
-from lowbit.export.source import KVScales, QLinear, Source
+from lowbit.export.codecs import Codec, codec_for
+from lowbit.export.schemes import Declared, Scheme, exclude_modules, export_config, kind, write_unit
+from lowbit.export.source import KVScales, Source
 from lowbit.export.writer import ExportWriter
-from lowbit.formats.elements import E2M1, E4M3, INT4, INT8, encode, encode_e8m0
-from lowbit.formats.packing import pack_nibbles
-from lowbit.formats.scaled import NVFP4_GLOBAL_DIVISOR
+from lowbit.quant.steps import Algorithm
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 PRODUCER = {"name": "lowbit", "version": __version__}
-
-# (weight kinds, input kind) -> quant_algo
-QUANT_ALGOS: dict[tuple[tuple[str, ...], str | None], str] = {
-    (("fp8_tensor",), "fp8_tensor"): "FP8",
-    (("fp8_channel",), "fp8_token"): "FP8_PER_CHANNEL_PER_TOKEN",
-    (("fp8_block",), None): "fp8_pb_wo",  # lower case, as ModelOpt 0.47 writes it
-    (("int8_channel",), None): "W8A16",
-    (("int8_channel",), "int8_tensor"): "W8A8_SQ_PER_CHANNEL",
-    (("int4_group",), None): "W4A16_AWQ",
-    (("int4_group", "fp8_tensor"), "fp8_tensor"): "W4A8_AWQ",
-    (("nvfp4",), "nvfp4_dynamic"): "NVFP4",
-    (("nvfp4",), None): "W4A16_NVFP4",
-    (("mxfp8",), "mxfp8_dynamic"): "MXFP8",
-}
 KV_ALGOS = {"fp8_tensor": "FP8", "nvfp4_dynamic": "NVFP4"}
 
 
-def quant_algo(scheme: Scheme, algorithm: str) -> str:
-    algo = QUANT_ALGOS.get((scheme.weight, scheme.input))
-    if algo is None:
+def codec(scheme: Scheme, algorithm: str) -> Codec:
+    """The row of the unified format for `scheme` (NVFP4_AWQ where AWQ smoothed the weights)."""
+    row = codec_for("hf", scheme, awq=_awq_smoothed(algorithm))
+    if row is None:
         raise LowbitError(
             f"the unified HF format has no quant_algo for {scheme.describe()}; "
             "export it with --format compressed-tensors, or quantize with a preset the format lists"
         )
-    if algo == "NVFP4" and "awq" in algorithm:
-        return "NVFP4_AWQ"
-    return algo
+    return row
 
 
-def linear_tensors(lin: QLinear, algo: str) -> Declared:
-    """{suffix: (tensor, declared dtype, declared shape)} of one quantized Linear in the unified format."""
-    out_f, in_f = lin.weight.shape
-    qs = lin.weight_qtensors()
-    q = qs[0]
-    t: Declared = {}
-    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "fp8_pb_wo"):
-        t["weight"] = (encode(q.values, E4M3), torch.float8_e4m3fn, (out_f, in_f))
-        scale = q.scale.float()
-        if algo == "FP8":
-            t["weight_scale"] = (scale.reshape(()), torch.float32, ())
-        elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
-            t["weight_scale"] = (scale.reshape(out_f), torch.float32, (out_f,))
-        else:  # ModelOpt writes the block scales as [out/128, 1, in/128, 1]
-            nb, kb = scale.shape
-            t["weight_scale"] = (scale.reshape(nb, 1, kb, 1), torch.float32, (nb, 1, kb, 1))
-    elif algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
-        t["weight"] = (encode(q.values, INT8), torch.int8, (out_f, in_f))
-        t["weight_scale"] = (q.scale.float().reshape(out_f), torch.float32, (out_f,))
-    elif algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        g = q.fmt.group_size
-        assert g is not None
-        t["weight"] = (pack_nibbles(encode(q.values, INT4), dim=0), torch.uint8, (out_f // 2, in_f))
-        t["weight_scale"] = (q.scale.float(), torch.float32, (out_f, in_f // g))
-        if algo == "W4A8_AWQ":
-            # the engine computes fp8(int4 * weight_scale / weight_scale_2) * weight_scale_2: lowbit's chain
-            t["weight_scale_2"] = (qs[1].scale.float().reshape(()), torch.float32, ())
-    elif algo in ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"):
-        assert q.global_scale is not None
-        t["weight"] = (pack_nibbles(encode(q.values, E2M1), dim=-1), torch.uint8, (out_f, in_f // 2))
-        t["weight_scale"] = (encode(q.scale, E4M3), torch.float8_e4m3fn, (out_f, in_f // 16))
-        t["weight_scale_2"] = (q.global_scale.float().reshape(()), torch.float32, ())
-    elif algo == "MXFP8":
-        t["weight"] = (encode(q.values, E4M3), torch.float8_e4m3fn, (out_f, in_f))
-        t["weight_scale"] = (encode_e8m0(q.scale), torch.uint8, (out_f, in_f // 32))
-    else:  # pragma: no cover - QUANT_ALGOS and this function are kept in step
-        raise AssertionError(algo)
-    if algo in ("FP8", "W8A8_SQ_PER_CHANNEL", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"):
-        amax, fmt = lin.input_amax(), lin.input_format
-        if amax is None or fmt is None:
-            raise LowbitError(
-                f"{lin.name}: no calibrated input amax; the checkpoint is damaged (re-run quantize)"
-            )
-        t["input_scale"] = (input_scale(amax, fmt), torch.float32, ())
-    return t
+def _awq_smoothed(algorithm: str) -> bool:
+    return Algorithm.parse(algorithm).awq
 
 
 def kv_scales(kv: KVScales) -> Declared:
-    """k_scale / v_scale of one attention module, under the K / V projections as ModelOpt names them."""
-    divisor = E4M3.max_norm if kv.fmt.element is E4M3 and not kv.fmt.global_scale else NVFP4_GLOBAL_DIVISOR
-    return {
-        f"{kv.attention}.{w}_proj.{w}_scale": (kv.amax(w) / divisor, torch.float32, ()) for w in ("k", "v")
-    }
+    """k_scale / v_scale of one attention module, under the K / V projections as ModelOpt names them: the
+    per-tensor scale of the FP8 cache, or the global scale of the NVFP4 one."""
+    return {f"{kv.attention}.{w}_proj.{w}_scale": (kv.scale(w), torch.float32, ()) for w in ("k", "v")}
 
 
-def quant_config(source: Source, algos: dict[str, str], scheme_of: dict[str, Scheme]) -> dict[str, Any]:
+def quant_config(source: Source, codecs: dict[str, Codec], scheme_of: dict[str, Scheme]) -> dict[str, Any]:
     """hf_quant_config.json's "quantization" section."""
+    algos = {name: c.name for name, c in codecs.items()}
     exclude = exclude_modules(source)
     kv_algo = KV_ALGOS.get(kind(source.kv_format)) if source.kv_format is not None else None
     distinct = sorted(set(algos.values()))
     quant: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": kv_algo}
     if len(distinct) == 1:
-        algo = distinct[0]
-        quant["quant_algo"] = algo
-        group = next(iter(scheme_of.values())).group_size
-        if algo in ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "MXFP8"):
-            quant["group_size"] = group
-        if algo in ("W4A16_AWQ", "W4A8_AWQ", "NVFP4_AWQ"):
+        row = next(iter(codecs.values()))
+        quant["quant_algo"] = row.name
+        if row.groups:
+            quant["group_size"] = next(iter(scheme_of.values())).group_size
+        if row.variant == "awq":
             quant["has_zero_point"] = False
             quant["pre_quant_scale"] = False  # folded into the preceding norm / Linear
     elif distinct:
         quant["quant_algo"] = "MIXED_PRECISION"
         quant["quantized_layers"] = {
             source.checkpoint_name(name): {
-                "quant_algo": algo, **({"group_size": g} if (g := scheme_of[name].group_size) else {})
+                "quant_algo": algo,
+                **({"group_size": g} if (g := scheme_of[name].group_size) else {}),
             }
             for name, algo in algos.items()
         }
@@ -183,12 +115,10 @@ def config_quantization(quant: dict[str, Any]) -> dict[str, Any]:
 def export_hf(source: Source, writer: ExportWriter, options: ExportOptions) -> None:
     dtype = options.dtype or source.storage_dtype()
     scheme_of = {name: Scheme.of(spec) for name, spec in source.modules.items()}
-    algos = {name: quant_algo(s, source.algorithm) for name, s in scheme_of.items()}  # all checked up front
+    codecs = {name: codec(s, source.algorithm) for name, s in scheme_of.items()}  # all checked up front
     for label in tqdm(source.unit_labels(), desc="export hf", unit="unit", disable=not options.progress):
-        write_unit(
-            writer, source.unit(label), dtype, lambda lin: linear_tensors(lin, algos[lin.name]), kv_scales
-        )
-    quant = quant_config(source, algos, scheme_of)
+        write_unit(writer, source.unit(label), dtype, lambda lin: codecs[lin.name].encode(lin), kv_scales)
+    quant = quant_config(source, codecs, scheme_of)
     if source.quantized:
         writer.write_json(HF_QUANT_CONFIG, {"producer": PRODUCER, "quantization": quant})
     qcfg = config_quantization(quant) if source.quantized else None

@@ -17,27 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.formats.elements import E2M1, E4M3, decode, decode_e8m0
-from lowbit.formats.packing import unpack_int32, unpack_nibbles
-from lowbit.formats.scaled import (
-    FP8_BLOCK128,
-    FP8_CHANNEL,
-    FP8_TENSOR,
-    FP8_TOKEN,
-    INT4_G128,
-    INT8_CHANNEL,
-    INT8_TENSOR,
-    INT8_TOKEN,
-    MXFP4,
-    MXFP4_DYNAMIC,
-    MXFP8,
-    MXFP8_DYNAMIC,
-    NVFP4,
-    NVFP4_DYNAMIC,
-    NVFP4_GLOBAL_DIVISOR,
-    ScaledFormat,
-    global_scale_from_amax,
-)
+from lowbit.export.codecs import Codec, codec_named
+from lowbit.export.compressed_tensors import format_of_args
+from lowbit.formats.scaled import FP8_TENSOR, NVFP4_DYNAMIC, dequantize
+from lowbit.formats.scales import Scales, Stats, stats_for
+from lowbit.models.loading import load_config_json
 from lowbit.quant.linear import QuantSpec
 
 
@@ -45,17 +29,15 @@ from lowbit.quant.linear import QuantSpec
 class Decoded:
     spec: QuantSpec
     weight: Tensor  # dequantized, float32
-    weight_stats: list[dict[str, Tensor]]
-    input_stats: dict[str, Tensor] = field(default_factory=dict)
+    weight_stats: list[Stats]
+    input_stats: Stats = field(default_factory=Stats)
 
 
 def export_format(model_dir: Path) -> str | None:
     """'hf', 'compressed-tensors' or None (not a quantized export)."""
     if (model_dir / "hf_quant_config.json").is_file():
         return "hf"
-    config = (
-        json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
-    )
+    config = load_config_json(model_dir) if (model_dir / "config.json").is_file() else {}
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == "compressed-tensors":
         return "compressed-tensors"
@@ -64,174 +46,39 @@ def export_format(model_dir: Path) -> str | None:
     return None
 
 
-def _amax(scale: Tensor, fmt: ScaledFormat) -> Tensor:
-    return scale.float() * fmt.element.max
-
-
-def _global_amax(g: Tensor) -> Tensor:
-    """An amax from which `global_scale_from_amax` computes exactly the stored global scale g."""
-    g = g.float().reshape(())
-    amax = g * NVFP4_GLOBAL_DIVISOR
-    for _ in range(64):
-        got = global_scale_from_amax(amax)
-        if bool(got == g):
-            return amax
-        amax = torch.nextafter(amax, torch.tensor(float("inf") if bool(got < g) else float("-inf")))
-    return g * NVFP4_GLOBAL_DIVISOR  # not representable exactly: the nearest (a few ulps off)
-
-
-# --- hf (ModelOpt unified) --------------------------------------------------------------------------------
+def decode(row: Codec, t: dict[str, Tensor], group_size: int | None) -> Decoded:
+    """One Linear's stored tensors (by suffix) -> its weight and the statistics that reproduce its scales."""
+    chain, inputs = row.decode(t, group_size)
+    spec = row.formats(group_size)
+    stats = [stats_for(q.fmt, Scales(q.scale, q.global_scale)) for q in chain]
+    input_stats = Stats()
+    if spec.input is not None and inputs is not None and (inputs.scale, inputs.global_scale) != (None, None):
+        input_stats = stats_for(spec.input, inputs)
+    return Decoded(spec, dequantize(chain[-1]), stats, input_stats)
 
 
 def decode_hf(t: dict[str, Tensor], algo: str, group_size: int | None) -> Decoded:
     """One Linear of the unified HF format: t holds its weight / weight_scale / ... by suffix."""
-    w, ws = t["weight"], t["weight_scale"].float()
-    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "fp8_pb_wo", "FP8_PB_WO"):
-        values = w.float()
-        if algo == "FP8":
-            fmt, inp, amax = FP8_TENSOR, FP8_TENSOR, _amax(ws.reshape(()), FP8_TENSOR)
-            weight = values * ws
-        elif algo == "FP8_PER_CHANNEL_PER_TOKEN":
-            fmt, inp, amax = FP8_CHANNEL, FP8_TOKEN, _amax(ws.reshape(-1, 1), FP8_CHANNEL)
-            weight = values * ws.reshape(-1, 1)
-        else:
-            fmt, inp = FP8_BLOCK128, None
-            s = ws.reshape(ws.shape[0], ws.shape[2]) if ws.dim() == 4 else ws
-            amax = _amax(s, fmt)
-            full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
-            weight = values * full
-        stats = [{"amax": amax}]
-    elif algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
-        fmt, inp = INT8_CHANNEL, INT8_TENSOR if algo == "W8A8_SQ_PER_CHANNEL" else None
-        weight = w.float() * ws.reshape(-1, 1)
-        stats = [{"amax": _amax(ws.reshape(-1, 1), fmt)}]
-    elif algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        g = group_size or 128
-        fmt = INT4_G128.replace(group_size=g)
-        q = unpack_nibbles(w, dim=0, signed=True).float()
-        weight = q * ws.repeat_interleave(g, 1)
-        stats = [{"amax": _amax(ws, fmt)}]
-        inp = None
-        if algo == "W4A8_AWQ":
-            s2 = t["weight_scale_2"].float().reshape(())
-            weight = (weight / s2).to(torch.float8_e4m3fn).float() * s2
-            stats.append({"amax": _amax(s2, FP8_TENSOR)})
-            inp = FP8_TENSOR
-            return _finish((fmt, FP8_TENSOR), inp, weight, stats, t)
-    elif algo in ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"):
-        fmt, inp = NVFP4, NVFP4_DYNAMIC if algo != "W4A16_NVFP4" else None
-        gs2 = t["weight_scale_2"].float().reshape(())
-        block = ws  # e4m3 values
-        q = decode(unpack_nibbles(w), E2M1)
-        weight = q * (block * gs2).repeat_interleave(16, 1)
-        stats = [{"amax": block * E2M1.max * gs2, "global_amax": _global_amax(gs2)}]
-    elif algo == "MXFP8":
-        fmt, inp = MXFP8, MXFP8_DYNAMIC
-        s = decode_e8m0(t["weight_scale"])
-        weight = w.float() * s.repeat_interleave(32, 1)
-        stats = [{"amax": s * E4M3.max}]
-    else:
+    row = codec_named("hf", algo)
+    if row is None:
         raise LowbitError(f"cannot read quant_algo {algo!r} back; lowbit reads the algorithms it exports")
-    return _finish((fmt,), inp, weight, stats, t)
-
-
-def _finish(
-    weight_fmts: tuple[ScaledFormat, ...], inp: ScaledFormat | None, weight: Tensor, stats: list[dict[str, Tensor]],
-    t: dict[str, Tensor],
-) -> Decoded:  # fmt: skip
-    input_stats: dict[str, Tensor] = {}
-    if inp is not None and "input_scale" in t:
-        s = t["input_scale"].float().reshape(())
-        input_stats = {"global_amax": _global_amax(s)} if inp.global_scale else {"amax": _amax(s, inp)}
-    return Decoded(QuantSpec(weight_fmts, inp), weight, stats, input_stats)
-
-
-# --- compressed-tensors -----------------------------------------------------------------------------------
+    return decode(row, t, group_size)
 
 
 def ct_spec(group: dict[str, Any]) -> QuantSpec:
     """The QuantSpec of a compressed-tensors config group."""
     w, a = group["weights"], group.get("input_activations")
-    return QuantSpec((_ct_format(w, weight=True),), _ct_format(a, weight=False) if a else None)
+    return QuantSpec((format_of_args(w, weight=True),), format_of_args(a, weight=False) if a else None)
 
 
-def _ct_format(args: dict[str, Any], weight: bool) -> ScaledFormat:
-    bits, typ, strategy = args["num_bits"], args["type"], args["strategy"]
-    gs = args.get("group_size")
-    dynamic = bool(args.get("dynamic"))
-    table: dict[tuple[str, int, str], ScaledFormat] = {
-        ("int", 4, "group"): INT4_G128.replace(group_size=gs or 128),
-        ("int", 4, "channel"): INT4_G128.replace(name="int4_channel", granularity="row", group_size=None),
-        ("int", 8, "channel"): INT8_CHANNEL,
-        ("int", 8, "tensor"): INT8_TENSOR,
-        ("int", 8, "token"): INT8_TOKEN,
-        ("float", 8, "tensor"): FP8_TENSOR,
-        ("float", 8, "channel"): FP8_CHANNEL,
-        ("float", 8, "token"): FP8_TOKEN,
-        ("float", 8, "block"): FP8_BLOCK128,
-        ("float", 4, "tensor_group"): NVFP4_DYNAMIC if dynamic else NVFP4,
-        ("float", 4, "group"): MXFP4_DYNAMIC if dynamic else MXFP4,
-        ("float", 8, "group"): MXFP8_DYNAMIC if dynamic else MXFP8,
-    }
-    fmt = table.get((typ, bits, strategy))
-    if fmt is None or not args.get("symmetric", True):
+def decode_ct(t: dict[str, Tensor], group: dict[str, Any]) -> Decoded:
+    spec = ct_spec(group)
+    row = codec_named("compressed-tensors", str(group.get("format")), spec)
+    if row is None:
         raise LowbitError(
-            f"cannot read compressed-tensors scheme {args} back; lowbit reads the schemes it exports"
+            f"cannot read compressed-tensors group {group.get('format')!r} with {spec.describe()} back"
         )
-    return fmt
-
-
-def decode_ct(t: dict[str, Tensor], spec: QuantSpec) -> Decoded:
-    fmt = spec.weight[0]
-    if "weight_packed" in t and fmt.element.name in ("int4", "int8"):
-        bits = fmt.element.bits
-        out_f, in_f = (int(x) for x in t["weight_shape"].tolist())
-        q = unpack_int32(t["weight_packed"], bits).float()[:, :in_f] - (1 << (bits - 1))
-        s = t["weight_scale"].float()
-        weight = q * (
-            s.repeat_interleave(fmt.group_size or 1, 1) if fmt.granularity == "group" else s.reshape(out_f, 1)
-        )
-        stats = [{"amax": _amax(s.reshape(out_f, -1), fmt)}]
-    elif "weight_packed" in t:  # FP4: NVFP4 or MXFP4
-        q = decode(unpack_nibbles(t["weight_packed"]), E2M1)
-        if fmt.global_scale:
-            g = 1 / t["weight_global_scale"].float().reshape(())
-            block = decode(t["weight_scale"], E4M3)
-            weight = q * (block * g).repeat_interleave(16, 1)
-            stats = [{"amax": block * E2M1.max * g, "global_amax": _global_amax(g)}]
-        else:
-            s = decode_e8m0(t["weight_scale"])
-            weight = q * s.repeat_interleave(32, 1)
-            stats = [{"amax": s * E2M1.max}]
-    else:
-        w, s = t["weight"].float(), t["weight_scale"]
-        if fmt.scale_element is not None:  # MXFP8
-            s = decode_e8m0(s)
-            weight = w * s.repeat_interleave(32, 1)
-        elif fmt.granularity == "block":
-            s = s.float()
-            weight = w * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
-        else:
-            s = s.float()
-            weight = w * (s.reshape(()) if fmt.granularity == "tensor" else s.reshape(-1, 1))
-        amax = _amax(s, fmt)
-        stats = [
-            {
-                "amax": amax.reshape(())
-                if fmt.granularity == "tensor"
-                else amax.reshape(-1, 1)
-                if fmt.granularity == "row"
-                else amax
-            }
-        ]
-    input_stats: dict[str, Tensor] = {}
-    inp = spec.input
-    if inp is not None:
-        if "input_global_scale" in t:
-            input_stats = {"global_amax": _global_amax(1 / t["input_global_scale"].float())}
-        elif "input_scale" in t:
-            input_stats = {"amax": _amax(t["input_scale"].float().reshape(()), inp)}
-    return Decoded(spec, weight, stats, input_stats)
+    return decode(row, t, spec.weight[0].group_size)
 
 
 # --- loading ----------------------------------------------------------------------------------------------
@@ -295,7 +142,7 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
             gs = layer.get("group_size", quant.get("group_size"))
             d = decode_hf(mt, algo, gs)
         else:
-            d = decode_ct(mt, ct_spec(_ct_group(groups, checkpoint_name(module))))
+            d = decode_ct(mt, _ct_group(groups, checkpoint_name(module)))
         linear = model.get_submodule(module)
         if not isinstance(linear, nn.Linear):
             raise LowbitError(
@@ -305,8 +152,8 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(linear, d.spec))
         for i, st in enumerate(d.weight_stats):
-            stats.update({f"{module}.weight_quantizer.{i}.{k}": v for k, v in st.items()})
-        stats.update({f"{module}.input_quantizer.{k}": v for k, v in d.input_stats.items()})
+            stats.update({f"{module}.weight_quantizer.{i}.{k}": v for k, v in st.to_dict().items()})
+        stats.update({f"{module}.input_quantizer.{k}": v for k, v in d.input_stats.to_dict().items()})
     missing, unexpected = model.load_state_dict(plain, strict=False)
     missing = [
         m
@@ -333,10 +180,15 @@ def load_export(model_dir: Path, fmt: str, dtype: torch.dtype) -> tuple[nn.Modul
                     s = tensors.get(hf_name, tensors.get(ct_name))
                     if s is None:
                         raise LowbitError(f"{model_dir}: no {kv}_scale for {name}; the export is incomplete")
-                    key = "global_amax" if kv_fmt.global_scale else "amax"
-                    div = NVFP4_GLOBAL_DIVISOR if kv_fmt.global_scale else E4M3.max
-                    stats[f"{name}.{kv}_quantizer.{key}"] = s.float().reshape(()) * div
-        use_kv_attention(model.config)
+                    stored = s.float().reshape(())
+                    kv_scales = Scales.of_tensor_scale(kv_fmt, stored)
+                    stats.update(
+                        {
+                            f"{name}.{kv}_quantizer.{k}": v
+                            for k, v in stats_for(kv_fmt, kv_scales).to_dict().items()
+                        }
+                    )
+        use_kv_attention(model)
     load_quantizer_stats(model, stats)
     return model, {"recipe": {"name": summary}, "export": fmt}
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.elements import PowerOfTwoElement
-from lowbit.formats.scaled import NVFP4_GLOBAL_DIVISOR, ScaledFormat
+from lowbit.formats.scaled import ScaledFormat
 from lowbit.quant.linear import QuantSpec
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ class Scheme:
 
     def describe(self) -> str:
         return f"weights {'+'.join(self.weight)}, activations {self.input or 'none'}"
-
-
-def input_scale(amax: Tensor, fmt: ScaledFormat) -> Tensor:
-    """Static per-tensor input scale from the calibrated amax: amax / emax, or amax / (6 * 448) for the
-    global scale of a two-level format (NVFP4). fp32 scalar; 1 where amax is 0."""
-    a = amax.float().reshape(())
-    s = a / NVFP4_GLOBAL_DIVISOR if fmt.global_scale else a / fmt.element.max
-    return s if float(s) > 0 else s.new_ones(())
 
 
 def exclude_modules(source: Source, embeddings: bool = True) -> list[str]:

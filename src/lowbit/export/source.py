@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lowbit.checkpoint.load import is_lowbit_checkpoint, read_manifest
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import QTensor, ScaledFormat, dequantize, quantize
+from lowbit.formats.scales import Scales, Stats, scales
 from lowbit.models.conv1d import conv1d_names
 from lowbit.models.families import Family, find_family, to_checkpoint_name
 from lowbit.models.loading import (
@@ -47,8 +48,8 @@ class QLinear:
     spec: QuantSpec
     weight: Tensor
     bias: Tensor | None
-    weight_stats: list[dict[str, Tensor]]  # per quantizer of the weight chain: amax / global_amax / amin
-    input_stats: dict[str, Tensor] = field(default_factory=dict)
+    weight_stats: list[Stats]  # per quantizer of the weight chain
+    input_stats: Stats = field(default_factory=Stats)
 
     def weight_qtensors(self) -> list[QTensor]:
         """The weight chain's quantized tensors: [q0] for one format; [INT4 groups, FP8 of their dequantized
@@ -60,8 +61,8 @@ class QLinear:
                 f"{self.name}.weight has NaN or Inf values; the checkpoint is damaged (re-run quantize)"
             )
         for fmt, stats in zip(self.spec.weight, self.weight_stats, strict=True):
-            amax = None if fmt.dynamic else stats.get("amax")
-            q = quantize(w, fmt, amax=amax, global_amax=stats.get("global_amax"), amin=stats.get("amin"))
+            amax = None if fmt.dynamic else stats.amax
+            q = quantize(w, fmt, amax=amax, global_amax=stats.global_amax, amin=stats.amin)
             out.append(q)
             w = dequantize(q)
         return out
@@ -69,17 +70,15 @@ class QLinear:
     def dequantized_weight(self) -> Tensor:
         return dequantize(self.weight_qtensors()[-1])
 
-    @property
-    def input_format(self) -> ScaledFormat | None:
-        return self.spec.input
-
-    def input_amax(self) -> Tensor | None:
-        """Calibrated per-tensor input amax (static formats), or the global amax of a two-level format."""
+    def input_scales(self) -> Scales | None:
+        """The input quantizer's calibrated scales (a static format's scale, NVFP4's global scale), None
+        without an input format or where its statistics are missing."""
         fmt = self.spec.input
-        if fmt is None:
+        if fmt is None or (fmt.dynamic and not fmt.global_scale):
             return None
-        key = "global_amax" if fmt.global_scale else "amax"
-        return self.input_stats.get(key)
+        if self.input_stats.tensor_amax(fmt) is None:
+            return None
+        return scales(fmt, self.input_stats)
 
 
 @dataclass
@@ -88,15 +87,18 @@ class KVScales:
 
     attention: str  # module name, e.g. model.layers.0.self_attn
     fmt: ScaledFormat
-    k_stats: dict[str, Tensor]
-    v_stats: dict[str, Tensor]
+    k_stats: Stats
+    v_stats: Stats
 
-    def amax(self, which: str) -> Tensor:
+    def stats(self, which: str) -> Stats:
         stats = self.k_stats if which == "k" else self.v_stats
-        t = stats.get("global_amax" if self.fmt.global_scale else "amax")
-        if t is None:
+        if stats.tensor_amax(self.fmt) is None:
             raise LowbitError(f"{self.attention}: no calibrated {which.upper()} cache amax; re-run quantize")
-        return t.float().reshape(())
+        return stats
+
+    def scale(self, which: str) -> Tensor:
+        """The per-tensor scale of the K or V cache (fp32 scalar), as the fake quantizer computes it."""
+        return scales(self.fmt, self.stats(which)).tensor_scale
 
 
 @dataclass
@@ -186,21 +188,24 @@ class Source:
         linears: dict[str, QLinear] = {}
         for module, spec in self.modules.items():
             if f"{module}.weight" in tensors:
-                chain = [stats.get(f"{module}.weight_quantizer.{i}", {}) for i in range(len(spec.weight))]
+                chain = [
+                    Stats.of(stats.get(f"{module}.weight_quantizer.{i}", {})) for i in range(len(spec.weight))
+                ]
                 weight = tensors.pop(f"{module}.weight")
                 if module in self.conv1d:
                     weight = weight.t().contiguous()
                 linears[module] = QLinear(
                     module, spec, weight, tensors.pop(f"{module}.bias", None), chain,
-                    stats.get(f"{module}.input_quantizer", {}),
+                    Stats.of(stats.get(f"{module}.input_quantizer", {})),
                 )  # fmt: skip
         kv: dict[str, KVScales] = {}
         if self.kv_format is not None:
             for quantizer in sorted(q for q in stats if q.endswith(".k_quantizer")):
                 attention = quantizer.removesuffix(".k_quantizer")
                 kv[attention] = KVScales(
-                    attention, self.kv_format, stats[quantizer], stats.get(f"{attention}.v_quantizer", {})
-                )
+                    attention, self.kv_format, Stats.of(stats[quantizer]),
+                    Stats.of(stats.get(f"{attention}.v_quantizer", {})),
+                )  # fmt: skip
         return Unit(label, tensors, linears, kv)
 
     def units(self) -> Iterator[Unit]:

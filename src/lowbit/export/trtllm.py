@@ -35,7 +35,6 @@ streamed (`writer.StreamingSafetensors`), so the peak is one layer whatever the 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,27 +45,14 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.export.api import ExportOptions
+from lowbit.export.codecs import TRTLLM, Codec, codec_for
+from lowbit.export.schemes import Scheme, kind
 from lowbit.export.source import QLinear, Source, Unit
 from lowbit.export.writer import ExportWriter
-from lowbit.formats.elements import E2M1, E4M3, INT4, INT8, encode
-from lowbit.formats.packing import pack_nibbles
-from lowbit.formats.scaled import (
-    FP8_TENSOR,
-    INT4_G128,
-    INT8_CHANNEL,
-    INT8_TENSOR,
-    NVFP4,
-    NVFP4_DYNAMIC,
-    QTensor,
-    ScaledFormat,
-    global_scale_from_amax,
-    scale_from_amax,
-)
 from lowbit.quant.linear import QuantSpec
 
 log = logging.getLogger(__name__)
 
-KV_FP8_MAX = E4M3.max_norm  # 448
 DEFAULT_GROUP_SIZE = 128  # TensorRT-LLM's QuantConfig default, written where the format has no groups
 LLAMA_CONFIG_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt": "GPTForCausalLM"}  # else the HF architecture name
@@ -102,36 +88,21 @@ class Parts:
 # --- quant_algo of a spec ---------------------------------------------------------------------------------
 
 
-def _like(fmt: ScaledFormat | None, ref: ScaledFormat) -> bool:
-    """fmt is ref up to its name and group size."""
-    return fmt is not None and dataclasses.replace(fmt, name=ref.name, group_size=ref.group_size) == ref
-
-
-def quant_algo(spec: QuantSpec) -> str:
-    """TensorRT-LLM's quant_algo for one Linear's spec, or a LowbitError naming the fix."""
-    w, a = spec.weight, spec.input
-    if len(w) == 1:
-        if _like(w[0], FP8_TENSOR) and _like(a, FP8_TENSOR):
-            return "FP8"
-        if _like(w[0], INT8_CHANNEL) and a is None:
-            return "W8A16"
-        if _like(w[0], INT8_CHANNEL) and _like(a, INT8_TENSOR):
-            return "W8A8_SQ_PER_CHANNEL"
-        if _like(w[0], INT4_G128) and a is None:
-            return "W4A16_AWQ"
-        if _like(w[0], NVFP4) and _like(a, NVFP4_DYNAMIC):
-            return "NVFP4"
-    elif len(w) == 2 and _like(w[0], INT4_G128) and _like(w[1], FP8_TENSOR) and _like(a, FP8_TENSOR):
-        if w[0].group_size != 128:  # TensorRT-LLM's validate_group_size: W4A8 with other groups unsupported
-            raise LowbitError(
-                f"W4A8_AWQ with group_size {w[0].group_size}: TensorRT-LLM implements group_size 128 only; "
-                "re-quantize with group_size 128 or use --format hf"
-            )
-        return "W4A8_AWQ"
-    raise LowbitError(
-        f"{spec.describe()} has no TensorRT-LLM checkpoint quant_algo (lowbit writes FP8, W8A16, "
-        "W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A8_AWQ, NVFP4); use --format hf or compressed-tensors"
-    )
+def codec(spec: QuantSpec) -> Codec:
+    """TensorRT-LLM's row for one Linear's spec, or a LowbitError naming the fix."""
+    row = codec_for("trtllm", Scheme.of(spec))
+    if row is None:
+        raise LowbitError(
+            f"{spec.describe()} has no TensorRT-LLM checkpoint quant_algo (lowbit writes "
+            f"{', '.join(c.name for c in TRTLLM)}); use --format hf or compressed-tensors"
+        )
+    if len(spec.weight) > 1 and spec.weight[0].group_size != 128:
+        # TensorRT-LLM's validate_group_size: W4A8 with other groups unsupported
+        raise LowbitError(
+            f"{row.name} with group_size {spec.weight[0].group_size}: TensorRT-LLM implements group_size 128 "
+            "only; re-quantize with group_size 128 or use --format hf"
+        )
+    return row
 
 
 @dataclass(frozen=True)
@@ -139,13 +110,17 @@ class Plan:
     """Everything decided before reading a weight: the checks that need no tensors are done here."""
 
     decoder_type: str
-    quant_algo: str | None
+    codec: Codec | None
     group_size: int
     kv_algo: str | None
     dtype: torch.dtype
     tp: int
     pp: int
     layers: int
+
+    @property
+    def quant_algo(self) -> str | None:
+        return self.codec.name if self.codec is not None else None
 
     def stage(self, layer: int) -> int:
         return layer // (self.layers // self.pp)
@@ -176,13 +151,13 @@ def make_plan(source: Source, options: ExportOptions) -> Plan:
             "for Llama-style layouts only; use --format hf or compressed-tensors"
         )
     try:
-        algos = {quant_algo(spec) for spec in dict.fromkeys(source.modules.values())}
+        algos = {codec(spec) for spec in dict.fromkeys(source.modules.values())}
     except LowbitError as e:
         raise LowbitError(f"{source.preset} checkpoint: {e}") from None
     if len(algos) > 1:
         raise LowbitError(
-            f"the checkpoint mixes {', '.join(sorted(algos))}; lowbit writes TensorRT-LLM checkpoints with one "
-            "quant_algo only; use --format hf"
+            f"the checkpoint mixes {', '.join(sorted(c.name for c in algos))}; lowbit writes TensorRT-LLM "
+            "checkpoints with one quant_algo only; use --format hf"
         )
     algo = algos.pop() if algos else None
     groups = {
@@ -192,7 +167,7 @@ def make_plan(source: Source, options: ExportOptions) -> Plan:
     }
     kv_algo = None
     if source.kv_format is not None:
-        if not _like(source.kv_format, FP8_TENSOR):
+        if kind(source.kv_format) != "fp8_tensor":
             raise LowbitError(
                 f"KV cache format {source.kv_format.name}: lowbit writes FP8 KV caches to TensorRT-LLM "
                 "checkpoints only; re-quantize with --kv-cache fp8 or use --format hf"
@@ -215,7 +190,7 @@ def make_plan(source: Source, options: ExportOptions) -> Plan:
             )
     return Plan(
         decoder_type=decoder,
-        quant_algo=algo,
+        codec=algo,
         group_size=groups.pop() if len(groups) == 1 else DEFAULT_GROUP_SIZE,
         kv_algo=kv_algo,
         dtype=options.dtype or source.storage_dtype(),
@@ -228,51 +203,12 @@ def make_plan(source: Source, options: ExportOptions) -> Plan:
 # --- one Linear -> Parts ----------------------------------------------------------------------------------
 
 
-def _fp32(t: Tensor) -> Tensor:
-    return t.float()
-
-
-def _per_tensor(t: Tensor) -> tuple[Tensor, Axes, Encoder]:
-    return t.float().reshape(1), ("-",), _fp32
-
-
-def _input_scale(q: QLinear) -> Tensor:
-    amax = q.input_amax()
-    fmt = q.input_format
-    if amax is None or fmt is None:
-        raise LowbitError(f"{q.name}: no calibrated input amax in the checkpoint; re-run quantize")
-    return global_scale_from_amax(amax) if fmt.global_scale else scale_from_amax(amax.reshape(()), fmt)
-
-
-def linear_parts(q: QLinear, algo: str, dtype: torch.dtype) -> Parts:
-    """The logical TensorRT-LLM tensors of one quantized Linear (spec §7 names, table in the module doc)."""
-    qts: list[QTensor] = q.weight_qtensors()
-    q0 = qts[0]
-    out, inp = q0.values.shape
-    t: dict[str, tuple[Tensor, Axes, Encoder]] = {}
-    if algo == "FP8":
-        t["weight"] = (q0.values, ("out", "in"), lambda v: encode(v, E4M3))
-        t["weights_scaling_factor"] = _per_tensor(q0.scale)
-    elif algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
-        t["weight"] = (q0.values, ("out", "in"), lambda v: encode(v, INT8))
-        t["weights_scaling_factor"] = (q0.scale.reshape(out), ("out",), _fp32)
-    elif algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        t["weight"] = (
-            q0.values,
-            ("out", "in"),
-            lambda v: pack_nibbles(encode(v, INT4), dim=0).view(torch.int8),
-        )
-        t["weights_scaling_factor"] = (q0.scale, ("out", "in"), _fp32)
-        if algo == "W4A8_AWQ":
-            t["weights_scaling_factor_2"] = _per_tensor(qts[1].scale)
-            t["prequant_scaling_factor"] = (torch.ones(inp), ("in",), lambda v: v.to(dtype))
-    elif algo == "NVFP4":
-        assert q0.global_scale is not None
-        t["weight"] = (q0.values, ("out", "in"), lambda v: pack_nibbles(encode(v, E2M1), dim=-1))
-        t["weights_scaling_factor"] = (q0.scale, ("out", "in"), lambda v: encode(v, E4M3))
-        t["weights_scaling_factor_2"] = _per_tensor(q0.global_scale)
-    if algo in ("FP8", "W8A8_SQ_PER_CHANNEL", "W4A8_AWQ", "NVFP4"):
-        t["activation_scaling_factor"] = _per_tensor(_input_scale(q))
+def linear_parts(q: QLinear, row: Codec, dtype: torch.dtype) -> Parts:
+    """The logical TensorRT-LLM tensors of one quantized Linear (the row's fields, plus its bias; W4A8's
+    prequant_scaling_factor of ones, see the module docstring)."""
+    t = row.parts(q)
+    if row.name == "W4A8_AWQ":
+        t["prequant_scaling_factor"] = (torch.ones(q.weight.shape[1]), ("in",), lambda v: v.to(dtype))
     if q.bias is not None:
         t["bias"] = (q.bias, ("out",), lambda v: v.to(dtype))
     return Parts(t)
@@ -379,8 +315,8 @@ def _shell(unit: Unit, plan: Plan, files: RankFiles) -> None:
 def _layer_parts(unit: Unit, plan: Plan, module: str) -> Parts:
     q = unit.linears.get(module)
     if q is not None:
-        assert plan.quant_algo is not None
-        return linear_parts(q, plan.quant_algo, plan.dtype)
+        assert plan.codec is not None
+        return linear_parts(q, plan.codec, plan.dtype)
     weight = unit.tensors.pop(f"{module}.weight", None)
     if weight is None:
         raise LowbitError(f"{unit.label}: no {module} weight; this architecture needs --format hf")
@@ -416,9 +352,8 @@ def _layer(unit: Unit, index: int, plan: Plan, files: RankFiles, excluded: set[s
         if rel not in LAYER_TENSORS:
             raise LowbitError(f"{key} has no TensorRT-LLM checkpoint name in lowbit; use --format hf")
         files.replicate(stage, {prefix + LAYER_TENSORS[rel]: unit.tensors.pop(key).to(plan.dtype)})
-    for kv in unit.kv.values():
-        amax = torch.maximum(kv.amax("k"), kv.amax("v")).reshape(1)
-        scale = torch.where(amax > 0, amax / KV_FP8_MAX, torch.ones_like(amax))  # 1 where amax is 0
+    for kv in unit.kv.values():  # one scale for K and V: the larger
+        scale = torch.maximum(kv.scale("k"), kv.scale("v")).reshape(1)
         files.replicate(stage, {prefix + "attention.kv_cache_scaling_factor": scale.float()})
 
 

@@ -86,30 +86,34 @@ E8M0 = PowerOfTwoElement()
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of code & 0x7
 
 
-def round_to_grid(x: Tensor, element: Element) -> Tensor:
+def round_to_grid(x: Tensor, element: Element, out: Tensor | None = None) -> Tensor:
     """Round float32 `x` to the nearest value of `element` (ties to even), saturating at its range.
 
     Minifloats take the step of x's binade from the exponent bits of x (`_round_minifloat`: integer ops
     and one division by a power of two, no float8 casts, which this CPU build of torch converts back to
     float32 element by element); `round_minifloat_reference` is the definition it is tested against, as
-    is torch's float8 cast.
+    is torch's float8 cast. `out` (x itself allowed: rounding in place, for a temporary x that needs no
+    gradient) receives the result, saving a tensor of x's size.
     """
     if isinstance(element, IntElement):
-        return torch.round(x).clamp_(element.qmin, element.qmax)
+        return torch.round(x, out=out).clamp_(element.qmin, element.qmax)
     if x.requires_grad and element.torch_dtype is not None:  # the cast passes gradients straight through
+        assert out is None, "round_to_grid: no out= with autograd"
         return x.clamp(-element.max_norm, element.max_norm).to(element.torch_dtype).to(x.dtype)
     if x.dtype == torch.float32:
-        return _round_minifloat(x, element)
-    return round_minifloat_reference(x, element)
+        return _round_minifloat(x, element, out)
+    rounded = round_minifloat_reference(x, element)
+    return rounded if out is None else out.copy_(rounded)
 
 
-def _round_minifloat(x: Tensor, el: FloatElement) -> Tensor:
-    # biased float32 exponent of |x| (the sign bit shifted out by the mask): binade = exponent - 127, floored
-    # at the element's subnormal range; the step 2**(binade - mbits) is built from its bits. Infinities and
-    # NaN get a finite step, so that they saturate or stay NaN as in the reference.
-    step = (x.view(torch.int32) >> 23).bitwise_and_(0xFF).sub_(127).clamp_(min=el.min_exp)
-    step = step.sub_(el.mbits - 127).bitwise_left_shift_(23).view(torch.float32)
-    return torch.div(x, step).round_().mul_(step).clamp_(-el.max_norm, el.max_norm)
+def _round_minifloat(x: Tensor, el: FloatElement, out: Tensor | None = None) -> Tensor:
+    # The exponent field of x in place (bits 23..30, the sign masked off) is the float32 2**binade; floored at
+    # the element's smallest normal binade and lowered by mbits it is the float32 step 2**(binade - mbits),
+    # built in three integer ops. Infinities and NaN get a finite step, so that they saturate or stay NaN as in
+    # the reference. `out` (x itself allowed) receives the result.
+    step = x.view(torch.int32).bitwise_and(0x7F800000).clamp_(min=(el.min_exp + 127) << 23)
+    step = step.sub_(el.mbits << 23).view(torch.float32)
+    return torch.div(x, step, out=out).round_().mul_(step).clamp_(-el.max_norm, el.max_norm)
 
 
 def round_minifloat_reference(x: Tensor, el: FloatElement) -> Tensor:

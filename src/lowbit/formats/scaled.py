@@ -42,9 +42,14 @@ from lowbit.formats.elements import (
     PowerOfTwoElement,
     round_to_grid,
 )
+from lowbit.formats.scales import (  # noqa: F401 - the scale formulas, re-exported for their users
+    NVFP4_GLOBAL_DIVISOR,
+    asym_scale_zero,
+    global_scale_from_amax,
+    scale_from_amax,
+)
 
 Granularity = Literal["tensor", "row", "group", "block"]
-NVFP4_GLOBAL_DIVISOR = E2M1.max_norm * E4M3.max_norm  # 6 * 448, ModelOpt's weight_scale_2 divisor
 
 
 @dataclass(frozen=True)
@@ -173,55 +178,6 @@ def reduce_min_max(x: Tensor, fmt: ScaledFormat) -> tuple[Tensor, Tensor]:
     return xb.amin(-1).reshape(shape), xb.amax(-1).reshape(shape)
 
 
-# --- scales -----------------------------------------------------------------------------------------------
-
-
-def global_scale_from_amax(global_amax: Tensor) -> Tensor:
-    """NVFP4 second-level scale: amax_tensor / (6 * 448) (fp32 scalar; 1 where amax is 0), raised by a few
-    ulps where needed so that its fp32 reciprocal maps back to it exactly: compressed-tensors stores
-    1 / scale, and a reader must recover the very scale lowbit computed with."""
-    g = global_amax.float() / NVFP4_GLOBAL_DIVISOR
-    g = torch.where(g > 0, g, torch.ones_like(g))
-    for _ in range(16):
-        off = (1 / (1 / g)) != g
-        if not bool(off.any()):
-            break
-        g = torch.where(off, torch.nextafter(g, torch.full_like(g, float("inf"))), g)
-    return g
-
-
-def scale_from_amax(amax: Tensor, fmt: ScaledFormat, global_scale: Tensor | None = None) -> Tensor:
-    """Per-block scales (float32 values already on the scale element's grid) from per-block amax."""
-    amax = amax.float()
-    emax = fmt.element.max
-    if isinstance(fmt.scale_element, PowerOfTwoElement):
-        # MX: smallest power of two that maps amax into range (no clipping), as ModelOpt does.
-        ratio = torch.where(amax > 0, amax / emax, torch.ones_like(amax))
-        exponent = torch.ceil(torch.log2(ratio)).clamp_(-127, 127)
-        return torch.exp2(exponent)
-    if fmt.global_scale:
-        assert global_scale is not None, f"{fmt.name} needs a global scale"
-        s = amax / (emax * global_scale)
-    else:
-        s = amax / emax
-    if isinstance(fmt.scale_element, FloatElement):
-        # a block whose scale would round to 0 keeps the smallest one instead (as ModelOpt does)
-        el = fmt.scale_element
-        s = torch.where(s > 0, round_to_grid(s.clamp(min=el.min_subnormal, max=el.max_norm), el), s)
-    return torch.where(s > 0, s, torch.ones_like(s))
-
-
-def asym_scale_zero(lo: Tensor, hi: Tensor, fmt: ScaledFormat) -> tuple[Tensor, Tensor]:
-    """Asymmetric scale and zero point from per-block (min, max); the range always includes 0."""
-    assert isinstance(fmt.element, IntElement)
-    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
-    levels = fmt.element.qmax - fmt.element.qmin
-    s = (hi - lo) / levels
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    z = torch.round(-lo / s).clamp_(fmt.element.qmin, fmt.element.qmax)
-    return s, z
-
-
 # --- quantize / dequantize --------------------------------------------------------------------------------
 
 
@@ -278,11 +234,9 @@ def quantize(
     else:
         scale = scale_from_amax(reduce_amax(xf, fmt) if amax is None else amax.reshape(sshape), fmt, g)
     eff = _effective(scale, g).reshape(*sshape, 1) if fmt.granularity != "tensor" else _effective(scale, g)
-    if zero is None:
-        qb = round_ste(xb / eff, fmt.element)
-    else:
-        zb = zero.reshape(eff.shape)
-        qb = round_ste(xb / eff + zb, fmt.element)
+    u = xb / eff if zero is None else (xb / eff).add_(zero.reshape(eff.shape))
+    # u is this call's own tensor: rounded in place unless autograd needs it
+    qb = round_ste(u, fmt.element) if u.requires_grad else round_to_grid(u, fmt.element, out=u)
     return QTensor(from_blocks(qb, fmt, x.shape), scale.reshape(sshape), fmt, g, zero)
 
 
@@ -307,7 +261,17 @@ def fake_quant(
     amin: Tensor | None = None,
 ) -> Tensor:
     """dequantize(quantize(x)) in x's dtype."""
-    return dequantize(quantize(x, fmt, amax, global_amax, amin), x.dtype)
+    q = quantize(x, fmt, amax, global_amax, amin)
+    if q.values.requires_grad or q.scale.requires_grad:
+        return dequantize(q, x.dtype)
+    # q.values is this call's own tensor: dequantized in place, as dequantize computes it
+    qb = to_blocks(q.values, fmt)
+    eff = _effective(q.scale, q.global_scale)
+    if fmt.granularity != "tensor":
+        eff = eff.reshape(*eff.shape, 1)
+    if q.zero_point is not None:
+        qb.sub_(q.zero_point.reshape(eff.shape) if fmt.granularity != "tensor" else q.zero_point)
+    return from_blocks(qb.mul_(eff), fmt, x.shape).to(x.dtype)
 
 
 @dataclass
@@ -322,10 +286,14 @@ class ScaleMap:
     def fake_quant(self, x: Tensor, cols: slice | Tensor = slice(None)) -> Tensor:
         """fake_quant of x == tensor[:, cols] (float32) with the fixed scales of those columns."""
         s = self.scale[:, cols]
-        if self.zero is None:
-            return round_to_grid(x / s, self.fmt.element) * s
-        z = self.zero[:, cols]
-        return (round_to_grid(x / s + z, self.fmt.element) - z) * s
+        z = self.zero[:, cols] if self.zero is not None else None
+        u = x / s if z is None else (x / s).add_(z)
+        if u.requires_grad:
+            q = round_to_grid(u, self.fmt.element)
+            return q * s if z is None else (q - z) * s
+        # u is this call's own tensor: rounded and scaled back in place
+        q = round_to_grid(u, self.fmt.element, out=u)
+        return q.mul_(s) if z is None else q.sub_(z).mul_(s)
 
 
 def scale_map(

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.formats.scaled import ScaledFormat, fake_quant, reduce_amax, reduce_min_max
+from lowbit.formats.scales import STAT_NAMES, Stats
 
-STAT_NAMES = ("amax", "global_amax", "amin")
+__all__ = ["STAT_NAMES", "Quantizer", "QuantizerChain", "stat_reductions"]
 SAMPLES_PER_CALL = 4096  # |x| values kept per observed tensor when sampling (percentile / MSE amax)
 
 
@@ -80,6 +81,10 @@ class Quantizer(nn.Module):
 
     def stats(self) -> dict[str, Tensor]:
         return {n: t for n in STAT_NAMES if (t := getattr(self, n)) is not None}
+
+    def stat_values(self) -> Stats:
+        """The statistics as one value (`formats.scales.scales(fmt, stats)` gives the scales they make)."""
+        return Stats(self.amax, self.global_amax, self.amin)
 
     def load_stats(self, stats: dict[str, Tensor]) -> None:
         for name, value in stats.items():
