@@ -263,6 +263,72 @@ def test_bad_algorithm_is_a_one_line_error(tiny_llama, text_file, tmp_path, caps
     assert code == 2 and message in err and not (tmp_path / "x").exists()
 
 
+# `lowbit quantize`'s options before its algorithm flags were generated from the parameter dataclasses
+QUANTIZE_OPTIONS = {
+    "--algorithm", "--awq-grid", "--calib-batch-size", "--calib-data", "--calib-dtype", "--calib-images",
+    "--calib-seq-len", "--calib-size", "--device", "--exclude", "--export-quant-cfg", "--gptaq-alpha",
+    "--gptaq-routers", "--gptq-act-order", "--gptq-block-size", "--gptq-damp", "--gptq-rounds", "--help",
+    "--hf-model-id", "--kv-cache", "--megatron-save-path", "--model", "--moe-weight-floor", "--moe-weighting",
+    "--no-gptaq-routers", "--no-gptq-act-order", "--no-sequential", "--no-true-sequential", "--output",
+    "--overwrite", "--percentile", "--qformat", "--quiet", "--recipe", "--resume", "--seed", "--sequential",
+    "--sq-alpha", "--true-sequential", "-h", "-q",
+}  # fmt: skip
+
+
+def _quantize_parser():
+    import argparse
+
+    from lowbit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["quantize"]
+
+
+def test_quantize_help_lists_the_same_options(capsys):
+    assert {o for a in _quantize_parser()._actions for o in a.option_strings} == QUANTIZE_OPTIONS
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    shown = capsys.readouterr().out
+    assert all(o in shown for o in QUANTIZE_OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {}),
+        (["--sq-alpha", "0.5", "--awq-grid", "7", "--gptq-damp", "0.02", "--gptq-block-size", "64",
+          "--gptq-rounds", "2", "--gptaq-alpha", "0.3", "--moe-weight-floor", "0.01", "--percentile", "99.9"],
+         {"sq_alpha": 0.5, "awq_grid": 7, "gptq_damp": 0.02, "gptq_block_size": 64, "gptq_rounds": 2,
+          "gptaq_alpha": 0.3, "moe_weight_floor": 0.01, "percentile": 99.9}),
+        (["--no-gptq-act-order", "--true-sequential", "--no-gptaq-routers", "--no-sequential"],
+         {"gptq_act_order": False, "true_sequential": True, "gptaq_routers": False, "sequential": False}),
+        (["--gptq-act-order", "--no-true-sequential", "--gptaq-routers", "--sequential"],
+         {"gptq_act_order": True, "true_sequential": False, "gptaq_routers": True, "sequential": True}),
+        (["--moe-weighting", "uniform", "--calib-dtype", "bfloat16"],
+         {"moe_weighting": "uniform", "calib_dtype": "bfloat16"}),
+    ],
+)  # fmt: skip
+def test_generated_flags_parse_to_the_recipe_params(argv, expected):
+    import dataclasses
+
+    from lowbit.cli import _recipe
+    from lowbit.quant.recipe import preset
+
+    args = _quantize_parser().parse_args(["--qformat", "int4_awq", *argv])
+    recipe = _recipe(args)
+    assert recipe.params == dataclasses.replace(preset("int4_awq").params, **expected)
+    assert type(recipe.params.gptq_rounds) is int and type(recipe.params.sq_alpha) is float
+
+
+@pytest.mark.parametrize(
+    "argv", [["--moe-weighting", "route"], ["--calib-dtype", "fp16"], ["--gptq-rounds", "x"]]
+)
+def test_generated_flags_refuse_what_they_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _quantize_parser().parse_args(argv)
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
 def test_cli_asks_torch_for_huge_pages_unless_the_user_chose(monkeypatch, given, expected):
     """THP_MEM_ALLOC_ENABLE (read by torch at its first allocation) defaults to on for lowbit's commands."""

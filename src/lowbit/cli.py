@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit.quant.steps import ALGORITHM_EXAMPLES, ALGORITHM_STEPS, param_flags
+
     parser = argparse.ArgumentParser(
         prog="lowbit", description="Post-training quantization of Hugging Face LLMs."
     )
@@ -53,64 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--algorithm",
         default=None,
-        help="calibration algorithm (default: the preset's): max, smoothquant, awq_lite, awq_clip, awq_full, "
-        "gptq, gptaq, mse, percentile, none, or steps joined by '+' (awq+gptq, awq_full+gptaq, mse+gptq)",
+        help=f"calibration algorithm (default: the preset's): {', '.join(ALGORITHM_STEPS)}, or steps joined by "
+        f"'+' ({', '.join(ALGORITHM_EXAMPLES)})",
     )
-    q.add_argument("--sq-alpha", type=float, default=None, help="SmoothQuant migration strength (0..1)")
-    q.add_argument("--awq-grid", type=int, default=None, help="AWQ alpha grid points (default 20)")
-    q.add_argument("--gptq-damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H)")
-    q.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ columns per block (default 128)")
-    q.add_argument(
-        "--gptq-rounds", type=int, default=None,
-        help="GPTQ's codes then group scales refitted to them, this many times (INT4/NVFP4/MXFP4 groups; "
-        "default 4)",
-    )  # fmt: skip
-    q.add_argument(
-        "--gptaq-alpha", type=float, default=None,
-        help="GPTAQ: fraction of the correction towards the float model's inputs (default 1.0 with "
-        "--true-sequential, 0.25 without)",
-    )  # fmt: skip
-    q.add_argument(
-        "--gptaq-routers", action=argparse.BooleanOptionalAction, default=None,
-        help="GPTAQ: refit MoE routers (kept in high precision) to the float model's logits (default on)",
-    )  # fmt: skip
-    q.add_argument(
-        "--moe-weighting", choices=("routed", "uniform"), default=None,
-        help="MoE experts: weight each calibration token in an expert's statistics by its routing weight "
-        "squared plus --moe-weight-floor (routed, the default), or alike (uniform)",
-    )  # fmt: skip
-    q.add_argument(
-        "--moe-weight-floor", type=float, default=None,
-        help="MoE experts, routed weighting: the weight of a token the router did not send, relative to the "
-        "mean routed weight squared (default 0.001)",
-    )  # fmt: skip
-    q.add_argument(
-        "--gptq-act-order",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="GPTQ columns by descending Hessian diagonal, static groups (default on)",
-    )
-    q.add_argument(
-        "--true-sequential", action=argparse.BooleanOptionalAction, default=None,
-        help="GPTQ / GPTAQ: quantize a layer's modules in forward order, each on inputs computed with the ones "
-        "before it already quantized (one more pass per stage: o, gate/up, down; default on with gptaq, off with "
-        "gptq)",
-    )  # fmt: skip
-    q.add_argument("--percentile", type=float, default=None, help="activation amax percentile (percentile)")
-    q.add_argument(
-        "--sequential",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="calibrate each layer on the quantized layers' outputs or on the float model's (--no-sequential: "
-        "one pass per layer, twice as fast); default: sequential for AWQ / GPTQ, not for max / smoothquant",
-    )
-    q.add_argument(
-        "--calib-dtype",
-        choices=("auto", "float32", "bfloat16"),
-        default=None,
-        help="dtype of the calibration forward passes' matrix products (default auto: the checkpoint's, so a "
-        "BF16 model runs bf16 products where the hardware has them; float32: exact)",
-    )
+    for flag in param_flags():  # one per AlgorithmParams field; a bool's: --x / --no-x
+        kind: dict[str, Any] = {"type": flag.type, "choices": flag.choices or None}
+        if flag.type is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        q.add_argument(flag.option, dest=flag.name, default=None, help=flag.help, **kind)
     q.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or cached dataset name")
     q.add_argument(
         "--calib-images", default=None,
@@ -209,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # so only before torch is imported): lowbit returns every freed block of 1 MB or more to the OS
     # (models.loading.bound_heap), and with 4 kB pages touching them again costs a page fault per 4 kB
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # idle OpenMP threads sleep instead of spinning: where the cores are busy (a shared machine, the other
+    # process of a torchrun pair) a spinning thread waits for its sibling to be scheduled, and a 2-thread
+    # op then costs 5x its CPU time (lowbit demo: 399 -> 57 s under load; docs/results.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "qat":  # key=value overrides may come before or after the options
@@ -227,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # lowbit shows its own progress
+    from lowbit.models.loading import bound_heap
+
+    bound_heap()  # this process's allocator: freed layer-sized blocks go back to the OS (models.loading)
     try:
         return int(COMMANDS[args.command](args) or 0)
     except LowbitError as e:
@@ -255,29 +214,14 @@ def _tokenizer(path: Path) -> Any:
 
 def _recipe(args: argparse.Namespace) -> Any:
     from lowbit.quant.recipe import load_recipe, preset
+    from lowbit.quant.steps import param_flags
 
     recipe = load_recipe(args.recipe) if args.recipe else preset(args.qformat)
     if args.algorithm:
         recipe = recipe.with_algorithm(args.algorithm)
     if args.kv_cache is not None:
         recipe = recipe.with_kv_cache(args.kv_cache)
-    flags = (
-        "sq_alpha",
-        "awq_grid",
-        "gptq_damp",
-        "gptq_block_size",
-        "gptaq_alpha",
-        "gptaq_routers",
-        "moe_weighting",
-        "moe_weight_floor",
-        "gptq_act_order",
-        "gptq_rounds",
-        "true_sequential",
-        "percentile",
-        "sequential",
-        "calib_dtype",
-    )
-    params = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
+    params = {f.name: getattr(args, f.name) for f in param_flags() if getattr(args, f.name, None) is not None}
     if params:
         recipe = recipe.with_params(**params)
     return recipe.with_exclude(args.exclude) if args.exclude else recipe
@@ -286,10 +230,12 @@ def _recipe(args: argparse.Namespace) -> Any:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.algorithms.layerwise import quantize_checkpoint
     from lowbit.data.text import DEFAULT_CALIB, calibration_windows
-    from lowbit.models.loading import env_device, resolve_model
+    from lowbit.models.loading import check_context, env_device, load_config, resolve_model
 
     recipe = _recipe(args)
     model_dir = resolve_model(args.model) if args.model else DEFAULT_MODEL
+    config = load_config(model_dir)
+    check_context(config, args.calib_seq_len)  # before the windows are built: with long ones, that is slow
     device = env_device(args.device)
     output = Path(args.output or f"{model_dir.name}-{recipe.name}")
     calib = calibration_windows(
@@ -302,12 +248,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log.info("calibrating on %d samples of %d tokens", *calib.shape)
     images = None
     if args.calib_images:
-        from lowbit.models.loading import load_config
         from lowbit.models.vision import image_samples
 
-        images = image_samples(
-            args.calib_images, model_dir, load_config(model_dir), _tokenizer(model_dir), args.calib_size
-        )
+        images = image_samples(args.calib_images, model_dir, config, _tokenizer(model_dir), args.calib_size)
         log.info("and %d image + text samples", len(images))
     result = quantize_checkpoint(
         model_dir,
@@ -369,7 +312,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lowbit.checkpoint.load import load_model
+    from lowbit.loader import load_model
     from lowbit.models.loading import env_device, resolve_model
 
     path = resolve_model(args.checkpoint) if args.checkpoint else DEFAULT_MODEL
@@ -412,9 +355,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.checkpoint.load import load_model
     from lowbit.data.text import DEFAULT_EVAL, eval_windows
     from lowbit.eval.runner import evaluate
+    from lowbit.loader import load_model
     from lowbit.models.loading import env_device, resolve_model
 
     device = env_device(args.device)
@@ -435,8 +378,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lowbit.checkpoint.load import load_model
     from lowbit.eval.inspect import kv_quantizers, report
+    from lowbit.loader import load_model
     from lowbit.models.loading import resolve_model
 
     path = resolve_model(args.checkpoint)
@@ -519,10 +462,10 @@ def _db(x: float | None) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.algorithms.layerwise import quantize_checkpoint
-    from lowbit.checkpoint.load import load_model
     from lowbit.data.text import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, eval_windows
     from lowbit.eval.inspect import model_size_bytes
-    from lowbit.eval.runner import evaluate
+    from lowbit.eval.runner import base_outputs, evaluate
+    from lowbit.loader import load_model
     from lowbit.models.loading import env_device
     from lowbit.quant.recipe import preset
 
@@ -531,7 +474,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     calib = calibration_windows(DEFAULT_CALIB, tok, args.calib_size, args.calib_seq_len)
     windows = eval_windows(DEFAULT_EVAL, tok, args.seq_len, args.max_samples)
     base, _ = load_model(DEFAULT_MODEL, device)
-    base_ppl = evaluate(base, windows, device=device, progress=False)["ppl"]
+    reference = base_outputs(base, windows, device=device, progress=False)  # the base model runs once
+    base_ppl = reference.ppl
     rows = [("bf16 (base)", "16", f"{_mb(model_size_bytes(base)[0])}", f"{base_ppl:.3f}", "-", "-", "-")]
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lowbit-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -550,12 +494,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             seconds = time.perf_counter() - start
             model, _ = load_model(out.output, device)
-            r = evaluate(model, windows, base, device=device, progress=False)
-            size, qnumel = model_size_bytes(model)
-            from lowbit.eval.inspect import packed_weight_bytes
-            from lowbit.quant.convert import quant_linears
-
-            bits = 8 * sum(packed_weight_bytes(m) for _, m in quant_linears(model)) / max(qnumel, 1)
+            r = evaluate(model, windows, reference, device=device, progress=False)
+            size, qnumel, qbytes = model_size_bytes(model)
+            bits = 8 * qbytes / max(qnumel, 1)
             rows.append(
                 (
                     recipe.name,

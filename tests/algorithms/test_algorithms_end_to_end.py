@@ -10,10 +10,10 @@ import torch
 from transformers import AutoTokenizer
 
 from lowbit.algorithms.layerwise import quantize_checkpoint
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import DEFAULT_MODEL
 from lowbit.data.text import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, eval_windows
 from lowbit.eval.metrics import MetricSums
+from lowbit.loader import load_model
 from lowbit.quant.recipe import preset
 
 
@@ -60,7 +60,8 @@ def test_algorithm_lowers_kl_against_max(tmp_path, data, name, algorithm, factor
 
 def test_percentile_clips_activations_below_their_max(tmp_path, data):
     """Percentile calibration is there for the users who ask for it; on LLM activations it clips outlier
-    channels and raises KL (measured in docs/results.md), so it only has to do what it says."""
+    channels and raises KL (measured in docs/experiments, the 2026-11-23 calibration-algorithms entry), so it
+    only has to do what it says."""
     _kl(tmp_path, data, "fp8", "max")
     _, manifest = _kl(tmp_path, data, "fp8", "percentile", percentile=99.9)
     assert manifest["recipe"]["algorithm_params"]["percentile"] == 99.9
@@ -90,7 +91,7 @@ def test_smoothed_input_amax_equals_a_fresh_pass_over_the_smoothed_model(tiny_ll
     """SmoothQuant sets per-tensor input amax to max_j(amax_j / s_j) instead of a second pass: the same."""
     from transformers import AutoModelForCausalLM
 
-    from lowbit.quant.api import quantize
+    from lowbit.algorithms.whole_model import quantize
     from lowbit.quant.convert import quant_linears, set_calibrating
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -113,7 +114,7 @@ def test_input_statistics_from_the_input_hooks_equal_the_quantizers_own(tiny_lla
     from transformers import AutoModelForCausalLM
 
     from lowbit.algorithms import calibrate
-    from lowbit.quant.api import quantize
+    from lowbit.algorithms.whole_model import quantize
     from lowbit.quant.convert import quant_linears
 
     def input_stats(derive: bool) -> dict[str, dict[str, torch.Tensor]]:
@@ -172,7 +173,7 @@ def test_gptaq_equals_gptq_on_layer_0_and_leaves_the_activation_statistics_alone
 
 def test_true_sequential_gptaq_lowers_kl_against_gptaq_at_once(tmp_path, data):
     """GPTAQ module by module in forward order, each towards the float layer's output, corrects the error of
-    the modules before it in its layer too (docs/results.md section 14: -10% KL on pydocs-llama)."""
+    the modules before it in its layer too (docs/experiments, the 2026-12-03 GPTQ entry: -10% KL on pydocs-llama)."""
     at_once, _ = _kl(tmp_path / "at-once", data, "int4_awq", "awq_full+gptaq", true_sequential=False)
     staged, manifest = _kl(tmp_path / "staged", data, "int4_awq", "awq_full+gptaq")
     assert manifest["gptq_true_sequential"] is True

@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lowbit.algorithms.layerwise import matmul_dtype, quantize_checkpoint
-from lowbit.checkpoint.load import load_model
+from lowbit.algorithms.whole_model import quantize
 from lowbit.errors import LowbitError
-from lowbit.quant import preset, quantize
+from lowbit.loader import load_model
+from lowbit.quant import preset
 
 
 @pytest.mark.parametrize("name", ["int4_awq", "nvfp4_wo", "fp8_pb_wo", "mxfp4"])
@@ -61,9 +62,10 @@ def test_each_layer_is_calibrated_on_the_previous_quantized_outputs_when_sequent
      ("gptaq", None, True), ("max", True, True), ("gptq", False, False)],
 )  # fmt: skip
 def test_sequential_by_default_where_a_step_fits_weights_to_the_inputs(algorithm, explicit, expected):
-    from lowbit.quant.recipe import is_sequential
+    from lowbit.quant.steps import Algorithm
 
-    assert is_sequential(preset("fp8").with_params(sequential=explicit).params, algorithm) is expected
+    params = preset("fp8").with_params(sequential=explicit).params
+    assert Algorithm.parse(algorithm).sequential(params) is expected
 
 
 def test_kv_cache_quantization_applies_after_rope_and_works_with_generate(tiny_llama, calib_ids, tmp_path):
@@ -185,15 +187,15 @@ def test_calibration_batches_reuse_their_temporaries_instead_of_faulting_fresh_p
 
 
 def test_non_finite_calibration_activations_are_refused_and_large_finite_ones_are_not():
-    from lowbit.algorithms.layerwise import _check_activations
+    from lowbit.algorithms.layer_inputs import LayerInputs
 
     big = torch.full((2, 8, 4), 3e38)  # finite, but their sum overflows to inf
-    _check_activations([(big, {}), (torch.randn(2, 8, 4), {})], "model.layers.0")
+    LayerInputs([big, torch.randn(2, 8, 4)], [{}, {}]).check_finite("model.layers.0")
     for bad in (float("nan"), float("inf"), -float("inf")):
         h = torch.randn(2, 8, 4)
         h[1, 3, 2] = bad
         with pytest.raises(LowbitError, match="NaN or Inf"):
-            _check_activations([(torch.randn(2, 8, 4), {}), (h, {})], "model.layers.3")
+            LayerInputs([torch.randn(2, 8, 4), h], [{}, {}]).check_finite("model.layers.3")
 
 
 @pytest.mark.parametrize(
@@ -256,13 +258,13 @@ def test_stage_passes_end_after_the_stage_and_change_nothing(tiny_llama, calib_i
 
     from safetensors.torch import load_file
 
-    from lowbit.algorithms import layerwise
+    from lowbit.algorithms import layer_inputs
 
     config = AutoModelForCausalLM.from_pretrained(tiny_llama).config
     runs = {}
     for stop in (True, False):
         if not stop:
-            monkeypatch.setattr(layerwise, "stopping_after", lambda module: contextlib.nullcontext())
+            monkeypatch.setattr(layer_inputs, "stopping_after", lambda module: contextlib.nullcontext())
         calls = [0]
 
         def count(module, args, out, calls=calls):

@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 from lowbit.algorithms import gptq, search, smoothing
-from lowbit.algorithms import stats as stats_module
-from lowbit.algorithms.stats import InputStats, collect_inputs, output_error
+from lowbit.algorithms.stats import CalibrationContext, InputStats, collect_inputs, output_error
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import FP8_TENSOR, INT4_G32, INT4_G128, NVFP4, fake_quant, scale_map
-from lowbit.models import moe
 
 
 def _correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -186,10 +184,11 @@ def test_one_input_under_other_token_weights_keeps_its_source():
     torch.manual_seed(0)
     up0, up1, down = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 4)
     x = torch.randn(5, 16)
-    with collect_inputs({"up0": up0, "up1": up1, "down": down}, None) as stats:
-        with moe._weighting(torch.rand(5)):
+    context = CalibrationContext()
+    with collect_inputs({"up0": up0, "up1": up1, "down": down}, None, context=context) as stats:
+        with context.token_weights.weighting(torch.rand(5)):
             down(up0(x))
-        with moe._weighting(torch.rand(5)):
+        with context.token_weights.weighting(torch.rand(5)):
             up1(x)
     assert stats["up0"] is not stats["up1"]
     assert stats["up0"].source == stats["up1"].source != stats["down"].source
@@ -271,8 +270,9 @@ def test_gptaq_target_is_the_weight_without_input_error_and_fits_the_float_outpu
 def test_collect_inputs_gathers_the_cross_statistic_of_a_reference_pass():
     lin = nn.Linear(8, 4, bias=False)
     x_f, x_q = torch.randn(16, 8), torch.randn(16, 8)
-    with collect_inputs({"lin": lin}, None) as stats:
-        with stats_module.reference_inputs():
+    context = CalibrationContext()
+    with collect_inputs({"lin": lin}, None, context=context) as stats:
+        with context.reference_inputs():
             lin(x_f)
         lin(x_q)
         lin(x_q.clone())  # no reference before it: counted in H only
@@ -290,7 +290,7 @@ def test_a_reference_pass_leaves_the_quantizer_statistics_as_they_were():
     lin = QuantLinear(nn.Linear(8, 4, bias=False), QuantSpec((INT4_G32.replace(group_size=8),), FP8_TENSOR))
     lin.calibrating = True
     lin(torch.ones(2, 8))
-    with reference_pass(lin):
+    with reference_pass(lin, CalibrationContext()):
         lin(10 * torch.ones(2, 8))  # larger inputs: a leak would raise the input amax
     assert float(lin.input_quantizer.amax) == 1.0
 
@@ -315,13 +315,14 @@ def test_router_refit_is_the_ridge_least_squares_fit_to_the_float_logits():
     x_q = [x + 0.3 * x @ noise for x in x_f]  # a systematic (linear) input error, which a fit can undo
     found = routers.find_routers(block, "gate")
     assert list(found) == ["gate"]
-    with routers.record_targets(found) as fits:
+    context = CalibrationContext()
+    with routers.record_targets(found, context) as fits:
         for x in x_f:
-            with stats_module.reference_inputs():
+            with context.reference_inputs():
                 block(x)
             block(x + 1.0)  # the quantized model's own forward: no target recorded
     assert [t.shape for t in fits["gate"].targets] == [(512, 6)] * 3
-    report = routers.refit(found, fits, lambda m: [m(x) for x in x_q], block, damp=0.0)
+    report = routers.refit(found, fits, lambda m, _: [m(x) for x in x_q], block, damp=0.0)
     xq, z = torch.cat(x_q), torch.cat(x_f) @ w.t()
     exact = torch.linalg.lstsq(xq, z).solution.t()
     torch.testing.assert_close(block.gate.weight, exact, rtol=1e-3, atol=1e-3)

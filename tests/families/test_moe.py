@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
+from lowbit.loader import load_model
 from lowbit.models.moe import ExpertList, unfuse_known
 
 pytestmark = pytest.mark.slow
@@ -176,10 +176,11 @@ def test_in_memory_quantize_reaches_every_expert(tiny_factory):
     """The in-memory API splits the fused experts too (else they would stay unquantized), and ties the engine
     scales across the experts with full module names."""
     import lowbit.quant as lq
+    from lowbit.algorithms.whole_model import quantize
     from lowbit.quant.linear import QuantLinear
 
     model = AutoModelForCausalLM.from_pretrained(tiny_factory("mixtral", 2), dtype=torch.float32).eval()
-    specs = lq.quantize(model, lq.preset("fp8"), forward_loop=lambda m: m(IDS))
+    specs = quantize(model, lq.preset("fp8"), forward_loop=lambda m: m(IDS))
     assert sum(".experts." in n for n in specs) == 2 * 4 * 3
     experts = model.model.layers[0].mlp.experts
     amaxes = {float(getattr(e, p).input_quantizer.amax) for e in experts for p in ("w1", "w3")}
@@ -291,15 +292,16 @@ def test_true_sequential_gptaq_quantizes_each_layer_in_forward_stages(tiny_facto
 def _routing_of(block: torch.nn.Module, x: torch.Tensor, floor: float | None):
     """(the expert Linears' statistics, the experts' inputs, top-k indices, top-k weights) of one calibrating
     forward of a MoE block with the given weighting floor."""
-    from lowbit.algorithms.stats import collect_inputs
+    from lowbit.algorithms.stats import CalibrationContext, collect_inputs
     from lowbit.models import moe
 
     experts = block.experts
     seen = {}
     hook = experts.register_forward_pre_hook(lambda m, a: seen.update(args=a))
     linears = {n: m for n, m in experts.named_modules() if isinstance(m, torch.nn.Linear)}
-    with collect_inputs(linears, None) as stats, torch.no_grad():
-        moe.set_calibrating(block, True, floor)
+    context = CalibrationContext()
+    with collect_inputs(linears, None, context=context) as stats, torch.no_grad():
+        moe.set_calibrating(block, True, floor, context.token_weights)
         try:
             calibrating = block(x)
         finally:
@@ -344,6 +346,7 @@ def test_routed_weighting_lowers_the_blocks_output_error(tiny_factory, calib_ids
     block's routed output error on the calibration tokens is lower than with every token alike (attention
     kept in float, so both runs route the same tokens)."""
     import lowbit.quant as lq
+    from lowbit.algorithms.whole_model import quantize
 
     src = tiny_factory("qwen3_moe", 1)
     ids = calib_ids[:8]
@@ -352,7 +355,7 @@ def test_routed_weighting_lowers_the_blocks_output_error(tiny_factory, calib_ids
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         if run != "float":
             recipe = lq.preset("int4_awq").with_algorithm("gptq").with_exclude("*self_attn*")
-            lq.quantize(model, recipe.with_params(moe_weighting=run), forward_loop=lambda m: m(ids))
+            quantize(model, recipe.with_params(moe_weighting=run), forward_loop=lambda m: m(ids))
         block = model.model.layers[0].mlp
         block.register_forward_hook(lambda m, a, out, r=run: outputs.update({r: out}))
         with torch.no_grad():

@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
+from lowbit.algorithms.whole_model import quantize
 from lowbit.formats.scaled import FP8_TENSOR, INT4_G128, NVFP4, NVFP4_DYNAMIC, fake_quant
-from lowbit.quant import Quantizer, QuantLinear, QuantSpec, preset, quantize
+from lowbit.quant import Quantizer, QuantLinear, QuantSpec, preset
 from lowbit.quant.convert import calibrate_max
 
 

@@ -13,7 +13,8 @@
    activation amax as a percentile of |x| sampled in the last pass.
 
 "mse" searches weight scales only: on LLM activations any clipping of the outlier channels costs far more
-than it saves (docs/results.md), so activation amax stays the max unless "percentile" is asked for.
+than it saves (docs/experiments, the 2026-11-23 calibration-algorithms entry), so activation amax stays the
+max unless "percentile" is asked for.
 
 Every quantized Linear gets an error report: its output error on the calibration inputs relative to its
 output energy, `tr(D H D^T) / tr(W H W^T)`, for round-to-nearest with max scales ("before") and for what the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms import gptq, routers, search, smoothing
-from lowbit.algorithms.stats import InputStats, collect_inputs, reference_inputs, row_output_errors
+from lowbit.algorithms.passes import ForwardLoop, LocalReducer, Pass, Reducer
+from lowbit.algorithms.stats import CalibrationContext, InputStats, collect_inputs, row_output_errors
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaleMap, fake_quant, scale_map
 from lowbit.models import moe
@@ -47,16 +49,15 @@ from lowbit.quant.convert import (
 )
 from lowbit.quant.linear import QuantLinear
 from lowbit.quant.quantizer import STAT_NAMES, Quantizer
-from lowbit.quant.recipe import AlgorithmParams, algorithm_steps, gptaq_alpha, is_true_sequential
+from lowbit.quant.steps import Algorithm, AlgorithmParams, Smoothing, WeightSearch
 
 log = logging.getLogger(__name__)
 
 REPORT_ROWS = 256  # tokens per batch in the Hessian when only the error report needs it
-NEEDS_DATA = frozenset({"smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "gptaq", "percentile"})
 
 
-def needs_data(algorithm: str) -> bool:
-    return bool(algorithm_steps(algorithm) & NEEDS_DATA)
+def needs_data(algorithm: str | Algorithm) -> bool:
+    return Algorithm.parse(algorithm).needs_data
 
 
 @dataclass
@@ -81,31 +82,37 @@ def chain_fake_quant(w: Tensor, linear: QuantLinear) -> Tensor:
 def calibrate_layer(
     layer: nn.Module,
     info: LayerInfo,
-    algorithm: str,
+    algorithm: str | Algorithm,
     params: AlgorithmParams,
-    forward_loop: Callable[[nn.Module], None] | None,
+    forward_loop: ForwardLoop | None,
+    reducer: Reducer | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Calibrate the QuantLinears and K/V quantizers of `layer` (converted, float weights) in place with
-    `algorithm` ('max', 'awq_full+gptq', ...); returns {full module name: error report}."""
-    steps = algorithm_steps(algorithm)
+    `algorithm` ('max', 'awq_full+gptq', ...) on the passes of `forward_loop` over the calibration data;
+    `reducer` combines each pass's statistics with those of other processes' data (default: none,
+    passes.LocalReducer). Returns {full module name: error report}."""
+    steps = Algorithm.parse(algorithm)
+    reducer = LocalReducer() if reducer is None else reducer
     linears = dict(quant_linears(layer))
-    if "none" in steps:
+    if not steps.calibrates:
         forward_loop = forward_loop if _static_activations(layer) else None
     if forward_loop is None:
-        if steps & NEEDS_DATA:
+        if steps.needs_data:
             raise LowbitError(
-                f"{info.prefix or 'model'}: algorithm {algorithm!r} needs calibration data; pass a forward loop"
+                f"{info.prefix or 'model'}: algorithm {str(algorithm)!r} needs calibration data; pass a forward loop"
             )
         return _calibrate_data_free(layer, linears, info, steps, params)
-    full_h = bool(steps & {"awq_lite", "awq_full", "awq_clip", "gptq", "gptaq"})
-    sample = "percentile" in steps
+    sample = steps.samples_activations
     _set_sampling(layer, sample)
-    moe_routers = _routers(layer, info) if "gptaq" in steps and params.gptaq_routers else {}
+    moe_routers = _routers(layer, info) if steps.float_reference and params.gptaq_routers else {}
     derived = [n for n, lin in linears.items() if not sample and _derivable(lin.input_quantizer)]
-    absmean = bool(steps & {"awq_lite", "awq_full"})
-    with collect_inputs(linears, None if full_h else REPORT_ROWS, absmean) as stats, \
-            routers.record_targets(moe_routers) as router_fits, _inputs_from_stats(linears, derived):  # fmt: skip
-        _observe(layer, forward_loop, params)
+    first = Pass(statistics=True, reference=steps.float_reference)
+    rows = None if steps.reads_hessian else REPORT_ROWS
+    with collect_inputs(linears, rows, steps.reads_absmean, first.context) as stats, \
+            routers.record_targets(moe_routers, first.context) as router_fits, \
+            _inputs_from_stats(linears, derived):  # fmt: skip
+        _observe(layer, forward_loop, params, first)
+    reducer.reduce(stats, _activation_quantizers(layer))  # this process's batches -> every process's
     _derive_input_stats(linears, stats, [n for n in derived if n in stats])
     report = {info.prefix + "." + n: {"before": _rel_error(_rtn(lin), lin.weight, stats[n])}
               for n, lin in linears.items() if n in stats}  # fmt: skip
@@ -114,17 +121,17 @@ def calibrate_layer(
     repass = _rescale_activation_stats(layer, linears, stats, smoothed)
     _weight_scales(linears, stats, info, steps, params)
     tie_fused_scales(linears, info.family)
-    if "gptaq" in steps and not any(st.cross is not None for st in stats.values()):
+    if steps.float_reference and not any(st.cross is not None for st in stats.values()):
         log.warning("%s: gptaq without the float model's activations (whole-model calibration, or "
                     "--no-sequential) is gptq", info.prefix or "model")  # fmt: skip
     # GPTQ replaces the weights: it measures each one against the weight it started from (one Linear at a
     # time, no copy of the layer); the other steps change scales only. Activation scales stay those of the
     # float layer, as in the peers.
     after: dict[str, float] = {}
-    if steps & {"gptq", "gptaq"}:
-        alpha = gptaq_alpha(params, algorithm)
-        if _staged(params, algorithm, stats):
-            after = _gptq_in_stages(layer, linears, stats, info, params, alpha, forward_loop)
+    if steps.gptq:
+        alpha = steps.gptaq_alpha(params)
+        if _staged(params, steps, stats):
+            after = _gptq_in_stages(layer, linears, stats, info, params, alpha, forward_loop, reducer)
         else:
             after = _gptq(linears, stats, info, params, alpha)
     for n, lin in linears.items():
@@ -137,9 +144,10 @@ def calibrate_layer(
             entry["tokens"] = stats[n].n
     if repass:
         _reset_activation_stats(layer)
-        _observe(layer, forward_loop, params)
+        _observe(layer, forward_loop, params, Pass())
+        reducer.reduce({}, _activation_quantizers(layer))
     if sample:
-        _activation_search(layer, steps, params)
+        _activation_search(layer, params)
     _set_sampling(layer, False)
     tie_shared_inputs(linears, info.family)
     check_calibrated(layer, info.prefix)
@@ -149,17 +157,19 @@ def calibrate_layer(
     return report
 
 
-def reads_inputs_again(layer: nn.Module, info: LayerInfo, algorithm: str, params: AlgorithmParams) -> bool:
+def reads_inputs_again(
+    layer: nn.Module, info: LayerInfo, algorithm: str | Algorithm, params: AlgorithmParams
+) -> bool:
     """Whether calibrate_layer may run its forward loop more than once on this converted layer: a second pass
     after smoothing (activation statistics that the rescaled per-channel maxima cannot give: a smoothed V
     feeding a quantized KV cache, static inputs other than per-tensor), or GPTAQ's router refit. When not,
     the caller may replace each batch's inputs by the layer's outputs during the statistics pass."""
-    steps = algorithm_steps(algorithm)
-    if "gptaq" in steps and params.gptaq_routers and _routers(layer, info):
+    steps = Algorithm.parse(algorithm)
+    if steps.float_reference and params.gptaq_routers and _routers(layer, info):
         return True
-    if steps & {"gptq", "gptaq"} and is_true_sequential(params, algorithm):
+    if steps.gptq and steps.true_sequential(params):
         return True
-    if not steps & {"smoothquant", "awq_lite", "awq_full"}:
+    if steps.smooths is None:
         return False
     kv = any(n.rpartition(".")[2] in KV_QUANTIZERS for n, _ in all_quantizers(layer))
     static = any(
@@ -175,9 +185,9 @@ def _routers(layer: nn.Module, info: LayerInfo) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def reference_pass(layer: nn.Module) -> Iterator[None]:
-    """A forward of the float layer on the float model's activations (GPTAQ's reference) inside the
-    statistics pass: the input hooks keep each Linear's input for the next forward of the same tokens;
+def reference_pass(layer: nn.Module, context: CalibrationContext) -> Iterator[None]:
+    """A forward of the float layer on the float model's activations (GPTAQ's reference) inside a pass whose
+    hooks read `context`: the input hooks keep each Linear's input for the next forward of the same tokens;
     quantizer statistics and routed token counts stay as they were. Linears that GPTQ already replaced
     compute with the weight they had before (`QuantLinear.float_weight`)."""
     done = [lin for _, lin in quant_linears(layer) if lin.float_weight is not None]
@@ -185,7 +195,7 @@ def reference_pass(layer: nn.Module) -> Iterator[None]:
     try:
         for lin in done:
             lin.calibrating = True
-        with kept_statistics(layer), reference_inputs():
+        with kept_statistics(layer), context.reference_inputs():
             yield
     finally:
         for lin, mode in zip(done, modes, strict=True):
@@ -239,23 +249,18 @@ def expert_floor(params: AlgorithmParams) -> float | None:
 
 
 def _observe(
-    layer: nn.Module, forward_loop: Callable[..., None], params: AlgorithmParams,
-    quantized: list[QuantLinear] | None = None, reference: bool = False, stop_after: nn.Module | None = None,
+    layer: nn.Module, forward_loop: ForwardLoop, params: AlgorithmParams, pass_: Pass,
+    quantized: list[QuantLinear] | None = None,
 ) -> None:  # fmt: skip
     """One calibration pass: quantizers observe, Linears compute in float (those in `quantized` quantized),
     every MoE expert sees every token (the layer's output stays the routed one; its statistics weight the
-    tokens by routing, `params.moe_weighting`). A later pass (`quantized` given) tells the loop whether to run
-    each batch of the float model's activations before it again (`reference`, GPTAQ's reference pass) and
-    where its forwards may end (`stop_after`)."""
+    tokens by routing, `params.moe_weighting`, through the pass's context)."""
     set_calibrating(layer, True)
-    moe.set_calibrating(layer, True, expert_floor(params))
+    moe.set_calibrating(layer, True, expert_floor(params), pass_.context.token_weights)
     for lin in quantized or []:
         lin.calibrating = False
     try:
-        if quantized is None:
-            forward_loop(layer)
-        else:
-            forward_loop(layer, reference_again=reference, stop_after=stop_after)
+        forward_loop(layer, pass_)
     finally:
         set_calibrating(layer, False)
         moe.set_calibrating(layer, False)
@@ -285,19 +290,12 @@ def tie_shared_inputs(linears: dict[str, QuantLinear], family: Family | None) ->
     if family is None or not family.shared_inputs:
         return
     for group in expand_groups(family.shared_inputs, linears, per_expert=False):
-        qs = [linears[n].input_quantizer for n in group]
-        for attr in ("amax", "global_amax"):
-            values = [getattr(q, attr) for q in qs if q is not None and getattr(q, attr) is not None]
-            if len(values) < 2 or any(v.numel() != 1 for v in values):
-                continue
-            shared = torch.stack([v.reshape(()) for v in values]).max()
-            for q in qs:
-                if q is not None and getattr(q, attr) is not None:
-                    setattr(q, attr, shared.reshape(getattr(q, attr).shape).clone())
+        qs = [q for n in group if (q := linears[n].input_quantizer) is not None]
+        _share_tensor_amax(qs)
 
 
 def _calibrate_data_free(
-    layer: nn.Module, linears: dict[str, QuantLinear], info: LayerInfo, steps: frozenset[str],
+    layer: nn.Module, linears: dict[str, QuantLinear], info: LayerInfo, steps: Algorithm,
     params: AlgorithmParams,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     report: dict[str, dict[str, Any]] = {}
@@ -384,13 +382,15 @@ def _rescale_activation_stats(
 
 def _smooth(
     layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo,
-    steps: frozenset[str], params: AlgorithmParams,
+    steps: Algorithm, params: AlgorithmParams,
 ) -> list[Smooth]:  # fmt: skip
-    method = "smoothquant" if "smoothquant" in steps else "awq" if steps & {"awq_lite", "awq_full"} else None
+    method = steps.smooths
     if method is None:
         return []
     if info.family is None or not info.family.smooth:
-        log.warning("%s: no smoothing groups known for this architecture; %s skipped", info.prefix, method)
+        log.warning(
+            "%s: no smoothing groups known for this architecture; %s skipped", info.prefix, method.value
+        )
         return []
     smoothed: list[Smooth] = []
     names = [n for n, _ in layer.named_modules()]
@@ -405,7 +405,7 @@ def _smooth(
         if any(o.source is None or o.source != st.source for o in distinct[1:]):
             log.warning("%s: %s do not read one tensor; not smoothed", info.prefix, ", ".join(group.linears))
             continue
-        if method == "smoothquant" and all(m.input_quantizer is None for m in mods):
+        if method is Smoothing.SMOOTHQUANT and all(m.input_quantizer is None for m in mods):
             continue  # weight-only: nothing to migrate into
         prev = layer.get_submodule(group.prev)
         cmap = _channel_map(group, prev, mods[0], info)
@@ -417,7 +417,7 @@ def _smooth(
         # a router (kept in high precision) reads this input too: powers of two keep its fold exact in the
         # stored dtype, so it routes every token as before (a rounded router weight flips near-ties)
         exact = bool(also)
-        if method == "smoothquant":
+        if method is Smoothing.SMOOTHQUANT:
             assert st.amax is not None
             a = smoothing.pool(st.amax, cmap_t, n_prev, "amax")
             w = smoothing.pool(smoothing.weight_amax([m.weight for m in mods]), cmap_t, n_prev, "amax")
@@ -501,10 +501,10 @@ def _round_to_storage(layer: nn.Module, info: LayerInfo, modules: list[str]) -> 
 
 
 def _weight_scales(
-    linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, steps: frozenset[str],
+    linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo, steps: Algorithm,
     params: AlgorithmParams,
 ) -> None:  # fmt: skip
-    clip = bool(steps & {"awq_clip", "awq_full"})
+    clip = WeightSearch.CLIP in steps.weight_searches
     ratios = search.clip_ratios(params.clip_grid, params.clip_min)
     no_clip = info.family.no_clip if info.family else ()
     for name, lin in linears.items():
@@ -513,7 +513,7 @@ def _weight_scales(
         h = stats[name].hessian if clip and name in stats and name not in no_clip else None
         if h is not None:
             _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios, h))
-        elif "mse" in steps:
+        elif WeightSearch.MSE in steps.weight_searches:
             _set_first_amax(lin, search.search_weight_amax(lin.weight, lin.spec.weight[0], ratios))
 
 
@@ -530,18 +530,26 @@ def tie_fused_scales(linears: dict[str, QuantLinear], family: Family | None) -> 
         if len({m.spec.weight for m in members}) > 1:
             log.warning("%s use different weight formats; engines that fuse them cannot load this", group)
             continue
-        for stage, fmt in enumerate(members[0].spec.weight):
-            qs = [m.weight_quantizer.quantizers()[stage] for m in members]
-            attr = "global_amax" if fmt.global_scale else "amax" if fmt.granularity == "tensor" else None
-            if attr is None:
-                continue
-            values = [getattr(q, attr) for q in qs]
-            if any(v is None for v in values):
-                continue
-            shared = torch.stack([v.reshape(()) for v in values]).max()
-            for m, q in zip(members, qs, strict=True):
-                setattr(q, attr, shared.reshape(getattr(q, attr).shape).clone())
-                _recalibrate_after(m, stage)
+        for stage in range(len(members[0].spec.weight)):
+            if _share_tensor_amax([m.weight_quantizer.quantizers()[stage] for m in members]):
+                for m in members:
+                    _recalibrate_after(m, stage)
+
+
+def _share_tensor_amax(qs: list[Quantizer]) -> bool:
+    """Give quantizers of one format the max of their per-tensor statistic (`Stats.tensor_amax`: a per-tensor
+    amax, NVFP4's global amax); False where the format has none or some quantizer lacks it."""
+    if len(qs) < 2 or len({q.fmt for q in qs}) > 1:
+        return False
+    fmt = qs[0].fmt
+    values = [q.stat_values().tensor_amax(fmt) for q in qs]
+    if any(v is None or v.numel() != 1 for v in values):
+        return False
+    shared = torch.stack([v.reshape(()) for v in values if v is not None]).max()
+    for q, v in zip(qs, values, strict=True):
+        assert v is not None
+        q.load_stats(q.stat_values().with_tensor_amax(fmt, shared.reshape(v.shape).clone()).to_dict())
+    return True
 
 
 def _recalibrate_after(lin: QuantLinear, stage: int) -> None:
@@ -590,17 +598,17 @@ def _gptq(
     return errors
 
 
-def _staged(params: AlgorithmParams, algorithm: str, stats: dict[str, InputStats]) -> bool:
+def _staged(params: AlgorithmParams, steps: Algorithm, stats: dict[str, InputStats]) -> bool:
     """True-sequential GPTQ as asked; by default where GPTAQ has the float model's inputs (its float target
     is what corrects the stages before; whole-model or non-sequential GPTAQ is GPTQ, staged for nothing)."""
     if params.true_sequential is not None:
         return params.true_sequential
-    return is_true_sequential(params, algorithm) and any(st.cross is not None for st in stats.values())
+    return steps.true_sequential(params) and any(st.cross is not None for st in stats.values())
 
 
 def _gptq_in_stages(
     layer: nn.Module, linears: dict[str, QuantLinear], stats: dict[str, InputStats], info: LayerInfo,
-    params: AlgorithmParams, alpha: float, forward_loop: Callable[..., None],
+    params: AlgorithmParams, alpha: float, forward_loop: ForwardLoop, reducer: Reducer,
 ) -> dict[str, float]:  # fmt: skip
     """GPTQ stage by stage in the layer's forward order (`_stages`): the first stage on the statistics pass's
     inputs, each later one on the inputs of one more pass in which the stages before it compute quantized
@@ -618,9 +626,11 @@ def _gptq_in_stages(
             group = {n: linears[n] for n in stage}
             current = stats
             if k:
-                with collect_inputs(group, None, absmean=False) as current, kept_statistics(layer):
-                    _observe(layer, forward_loop, params, quantized=done, reference=paired,
-                             stop_after=group[stage[-1]])  # fmt: skip
+                stage_pass = Pass(reference=paired, stop_after=group[stage[-1]])
+                hooks = collect_inputs(group, None, absmean=False, context=stage_pass.context)
+                with hooks as current, kept_statistics(layer):
+                    _observe(layer, forward_loop, params, stage_pass, quantized=done)
+                reducer.reduce(current, [])
             for lin in group.values():
                 lin.float_weight = lin.weight.detach().clone() if paired else None
             errors.update(_gptq(group, current, info, params, alpha, measure=stats))
@@ -657,6 +667,8 @@ def _codes_and_scales(lin: QuantLinear, target: Tensor, h: Tensor, params: Algor
     round with its least output error tr((Q - W~) H (Q - W~)^T) (GPTQ's rows are independent), so a round
     never makes a row worse."""
     best: Tensor | None = None
+    # the Hessian's order and inverse factor are the same in every round (only the scales change)
+    factor = gptq.factor_hessian(h, params.gptq_damp, params.gptq_act_order, name)
     for _ in range(params.gptq_rounds):
         maps = _scale_maps(lin)
 
@@ -667,7 +679,7 @@ def _codes_and_scales(lin: QuantLinear, target: Tensor, h: Tensor, params: Algor
 
         q, _ = gptq.gptq_quantize(
             target, h, quantize_columns, block_size=params.gptq_block_size, damp=params.gptq_damp,
-            act_order=params.gptq_act_order, name=name,
+            act_order=params.gptq_act_order, name=name, factor=factor,
         )  # fmt: skip
         refit = _refit_scales(lin, target, q, h)
         if refit is None:
@@ -740,7 +752,7 @@ def _set_sampling(layer: nn.Module, on: bool) -> None:
         q.samples = [] if on and per_tensor else None
 
 
-def _activation_search(layer: nn.Module, steps: frozenset[str], params: AlgorithmParams) -> None:
+def _activation_search(layer: nn.Module, params: AlgorithmParams) -> None:
     for q in _activation_quantizers(layer):
         if q.samples:
             q.amax = search.activation_amax(torch.cat(q.samples), q.fmt, "percentile", params.percentile, [])

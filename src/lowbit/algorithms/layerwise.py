@@ -17,8 +17,9 @@ import hashlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from difflib import get_close_matches
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit import __version__
-from lowbit.algorithms.calibrate import (
-    LayerInfo,
-    StageInputsSeen,
-    calibrate_layer,
-    needs_data,
-    reads_inputs_again,
-    reference_pass,
-    stopping_after,
-)
+from lowbit.algorithms.calibrate import LayerInfo, calibrate_layer, needs_data, reads_inputs_again
+from lowbit.algorithms.layer_inputs import Keep, LayerInputs
 from lowbit.checkpoint.load import load_quantizer_stats
 from lowbit.checkpoint.store import CheckpointWriter
 from lowbit.errors import LowbitError
@@ -43,8 +37,8 @@ from lowbit.models.conv1d import linearize, transposed
 from lowbit.models.families import Family, resolve_family, to_module_name
 from lowbit.models.loading import (
     SafetensorsReader,
-    bound_heap,
     build_meta_model,
+    check_context,
     check_layout,
     free_memory_bytes,
     load_config,
@@ -53,7 +47,6 @@ from lowbit.models.loading import (
     model_files_for_copy,
     release,
     resolve_model,
-    reused_heap,
     trim_heap,
 )
 from lowbit.models.moe import unfuse_experts
@@ -61,7 +54,8 @@ from lowbit.models.vision import Deepstack
 from lowbit.quant.convert import check_calibrated, convert, plan, quant_linears, set_calibrating
 from lowbit.quant.kv import use_kv_attention
 from lowbit.quant.linear import QuantSpec
-from lowbit.quant.recipe import Recipe, algorithm_steps, is_sequential, is_true_sequential, spec_to_dict
+from lowbit.quant.recipe import DEFAULT_SKIPS, Recipe, spec_to_dict
+from lowbit.quant.steps import Algorithm
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +158,18 @@ class _Job:
     progress: bool
     uses_data: bool  # False: every layer calibrates from its weights alone (no forward passes at all)
     family: Family
-    layer_kwargs: list[list[dict[str, Any]]] | None = None  # per layer, per batch (Family.per_layer_kwargs)
     conv1d: set[str] = field(default_factory=set)  # Conv1D modules made Linears (stored transposed back)
     images: list[dict[str, Tensor]] = field(default_factory=list)  # image + text samples, a batch each
-    # per batch: what the model adds to the hidden states after some layers (Qwen3-VL's deepstack features)
-    injections: list[Deepstack | None] = field(default_factory=list)
     matmul_dtype: torch.dtype | None = None  # autocast dtype of the layers' forward passes (None: compute_dtype)
+
+    @property
+    def steps(self) -> Algorithm:
+        return Algorithm.parse(self.algorithm)
+
+    @property
+    def sequential(self) -> bool:
+        """Each layer calibrated on the quantized layers' outputs (else on the float model's)."""
+        return self.steps.sequential(self.recipe.params)
 
     def forwards(self) -> contextlib.AbstractContextManager[Any]:
         """The context of every calibration forward pass of a layer (not of the algorithms' own arithmetic)."""
@@ -201,9 +201,9 @@ def quantize_checkpoint(
     output, while a crash keeps it for --resume.
     """
     start = time.perf_counter()
-    bound_heap()
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
+    check_context(config, calib.shape[-1])
     vocab = config.get_text_config().vocab_size  # a vision-language model's is its language model's
     if int(calib.max()) >= vocab:
         raise LowbitError(
@@ -226,6 +226,7 @@ def quantize_checkpoint(
             f"{layers_path} of {config.model_type} is not a layer list; lowbit's facts for it are wrong"
         )
     specs = plan(meta, recipe)  # checks every shape
+    _warn_unmatched_excludes(recipe, meta)
     if not specs and recipe.rules:
         raise LowbitError(
             f"recipe {recipe.name!r} matches no Linear layer of {config.model_type}; check the recipe's patterns "
@@ -254,100 +255,131 @@ def quantize_checkpoint(
     return LayerwiseResult(job.writer.output, algorithm, time.perf_counter() - start, modules)
 
 
+def _warn_unmatched_excludes(recipe: Recipe, model: nn.Module) -> None:
+    """A warning for each of the user's --exclude globs that matches no module, naming the closest module
+    (the default skips need not match)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in recipe.skips:
+        if pattern not in DEFAULT_SKIPS and not any(fnmatchcase(n, pattern) for n in names):
+            closest = get_close_matches(pattern, names, n=1, cutoff=0)
+            log.warning("--exclude %r matches no module; closest module name: %s", pattern, closest[0])
+
+
 def _run(job: _Job, calib: Tensor, batch_size: int | None) -> dict[str, Any]:
-    config, path = job.config, job.layers_path
+    """Every decoder layer in turn: replayed (--resume) or calibrated and written; then the next one's inputs."""
     if job.recipe.kv_cache is not None:
-        use_kv_attention(job.meta.config)  # type: ignore[arg-type]
+        use_kv_attention(job.meta)
     done = job.writer.layers_done
     if done == 0:  # the shell is copied as stored; only what runs before layer 0 is materialized
-        shell = [n for n in job.reader.names() if not n.startswith(path + ".")]
+        shell = [n for n in job.reader.names() if not n.startswith(job.layers_path + ".")]
         job.writer.write_shell(job.reader.read(shell))
-    states = _layer0_inputs(job, calib, batch_size) if job.uses_data else []
-    text = config.get_text_config()
-    info = LayerInfo("", job.family, getattr(text, "num_attention_heads", None),
-                     getattr(text, "num_key_value_heads", None))  # fmt: skip
+    inputs = _layer0_inputs(job, calib, batch_size) if job.uses_data else None
+    if inputs is not None and _asymmetric(job, done):  # GPTAQ: the float model's activations beside
+        inputs.reference = list(inputs.hidden)  # (the same tensors before layer 0)
     modules: dict[str, Any] = {}
     errors: dict[str, Any] = dict(job.writer.progress_extra.get("errors", {}))
     bar = tqdm(range(len(job.layers)), desc="layers", unit="layer", disable=not job.progress)
-    sequential = is_sequential(job.recipe.params, job.algorithm)
-    # GPTAQ: the float model's activations beside the quantized model's (the same tensors before layer 0)
-    reference = list(states) if _asymmetric(job, done) else None
     for i in bar:
-        prefix, layer = f"{path}.{i}", job.layers[i]
-        last = i + 1 == len(job.layers)
-        following: _FloatOutputs | None = None
-        orig_dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
-        if job.layer_kwargs is not None and states:  # this layer's own masks / arguments
-            states[:] = [(h, kw) for (h, _), kw in zip(states, job.layer_kwargs[i], strict=True)]
+        prefix, layer = f"{job.layers_path}.{i}", job.layers[i]
+        stored = {k: v.dtype for k, v in layer.state_dict().items()}  # the dtypes the checkpoint has
+        if inputs is not None:
+            inputs.for_layer(i)
         if i < done:
             bar.set_postfix_str(f"replaying {prefix}")
             specs = _replay_layer(job, layer, i)
         else:
             bar.set_postfix_str(f"calibrating {prefix}")
-            materialize(layer, job.reader, prefix, job.meta, job.device, job.compute_dtype)
-            specs = convert(layer, job.recipe, prefix)
-            _check_activations(states, prefix)
-            info.prefix, info.storage_dtypes = prefix, orig_dtypes
-            if job.uses_data and not sequential and not last:
-                following = _FloatOutputs(not reads_inputs_again(layer, info, job.algorithm, job.recipe.params))
-            reference_out: list[Tensor] = []
-            loop = _loop_over(states, following, job.forwards, reference, reference_out) if job.uses_data else None
-            errors.update(calibrate_layer(layer, info, job.algorithm, job.recipe.params, loop))
-            if reference is not None and not last:
-                reference[:] = [(out, kw) for out, (_, kw) in zip(reference_out, states, strict=True)]
-                _inject(job, reference, i)
-            del reference_out
+            specs, report = _calibrate(job, layer, i, stored, inputs)
+            errors.update(report)
+            _write(job, layer, i, stored, errors)
         modules.update({name: spec_to_dict(spec) for name, spec in specs.items()})
-        if i >= done:
-            state = layer.state_dict()
-            weights = {
-                f"{prefix}.{k}": v.to(orig_dtypes[k]) for k, v in state.items() if "_quantizer." not in k
-            }
-            stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
-            job.writer.write_layer(i, transposed(weights, job.conv1d), stats, extra={"errors": errors})
-            del state, weights, stats
-        if job.uses_data and not sequential and not last:  # the next layer reads this one's float outputs
-            if following is not None and following.done:
-                if not following.in_place:
-                    states[:] = [(out, kw) for out, (_, kw) in zip(following.outputs, states, strict=True)]
-            else:  # a replayed layer: its float weights, as when it was calibrated
-                set_calibrating(layer, True)
-                _advance(layer, states, job.forwards)
-                set_calibrating(layer, False)
-            _inject(job, states, i)
-        for _, linear in quant_linears(layer):
-            linear.bake()  # the float weights are on disk: advance with one copy of the layer
-        if job.uses_data and sequential and not last:
-            _advance(layer, states, job.forwards)
-            _inject(job, states, i)
+        _advance(job, layer, i, inputs)
         layer.to("meta")
         trim_heap()
     bar.close()
+    _finish(job, calib, modules, errors)
+    return modules
 
+
+def _calibrate(
+    job: _Job, layer: nn.Module, i: int, stored: dict[str, torch.dtype], inputs: LayerInputs | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Layer i materialized, converted and calibrated on its inputs: ({name: spec}, {name: error report}).
+    Its statistics pass keeps what the next layer reads of it: not sequential, the float layer's outputs;
+    GPTAQ, the outputs of its reference forwards (which then become the next layer's float activations)."""
+    prefix = f"{job.layers_path}.{i}"
+    materialize(layer, job.reader, prefix, job.meta, job.device, job.compute_dtype)
+    specs = convert(layer, job.recipe, prefix)
+    text = job.config.get_text_config()
+    info = LayerInfo(prefix, job.family, getattr(text, "num_attention_heads", None),
+                     getattr(text, "num_key_value_heads", None), stored)  # fmt: skip
+    following = i + 1 < len(job.layers)
+    if inputs is None:
+        return specs, calibrate_layer(layer, info, job.steps, job.recipe.params, None)
+    inputs.check_finite(prefix)
+    keep: Keep | None = None
+    if following and not job.sequential:  # a later pass reads the inputs: keep the outputs beside them
+        keep = "beside" if reads_inputs_again(layer, info, job.steps, job.recipe.params) else "in_place"
+    inputs.keep(keep, reference=following)
+    report = calibrate_layer(layer, info, job.steps, job.recipe.params, inputs.run, inputs.reducer)
+    if following:
+        inputs.advance_reference(i)
+    return specs, report
+
+
+def _write(
+    job: _Job, layer: nn.Module, i: int, stored: dict[str, torch.dtype], errors: dict[str, Any]
+) -> None:
+    """Layer i's float weights in their stored dtypes and its quantizers' statistics, with the errors so far."""
+    prefix = f"{job.layers_path}.{i}"
+    state = layer.state_dict()
+    weights = {f"{prefix}.{k}": v.to(stored[k]) for k, v in state.items() if "_quantizer." not in k}
+    stats = {f"{prefix}.{k}": v for k, v in state.items() if "_quantizer." in k}
+    job.writer.write_layer(i, transposed(weights, job.conv1d), stats, extra={"errors": errors})
+
+
+def _advance(job: _Job, layer: nn.Module, i: int, inputs: LayerInputs | None) -> None:
+    """Bake layer i's fake-quantized weights (its float weights are on disk: one copy of the layer) and give
+    the next layer its inputs: not sequential, the float layer's outputs (kept by the statistics pass, or a
+    forward of the float weights before baking); sequential, the quantized layer's. Then the deepstack
+    features the model adds after layer i."""
+    following = inputs if inputs is not None and i + 1 < len(job.layers) else None
+    if following is not None and not job.sequential and not following.advance_to_kept():
+        set_calibrating(layer, True)  # a replayed layer: its float weights, as when it was calibrated
+        following.advance(layer)
+        set_calibrating(layer, False)
+    for _, linear in quant_linears(layer):
+        linear.bake()
+    if following is not None and job.sequential:
+        following.advance(layer)
+    if following is not None:
+        following.inject(i)
+
+
+def _finish(job: _Job, calib: Tensor, modules: dict[str, Any], errors: dict[str, Any]) -> None:
+    """lowbit.json, then OUTPUT.partial renamed to OUTPUT."""
     manifest = {
         "lowbit_version": __version__,
         "source_model": str(job.model_dir),
-        "model_type": config.model_type,
+        "model_type": job.config.model_type,
         "recipe": job.recipe.to_dict(),
         "algorithm_requested": job.recipe.algorithm,
         "algorithm": job.algorithm,
         "calibration_data_used": job.uses_data,
         "calibration_matmul_dtype": str(job.matmul_dtype or job.compute_dtype).removeprefix("torch."),
-        "calibration_sequential": job.uses_data and is_sequential(job.recipe.params, job.algorithm),
-        "gptq_true_sequential": bool(algorithm_steps(job.algorithm) & {"gptq", "gptaq"})
-        and is_true_sequential(job.recipe.params, job.algorithm),
+        "calibration_sequential": job.uses_data and job.sequential,
+        "gptq_true_sequential": job.steps.gptq and job.steps.true_sequential(job.recipe.params),
         "errors": errors,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
                         "image_samples": len(job.images), "sha256": job.writer.fingerprint["calib_sha256"]},
-        "layers": path,
+        "layers": job.layers_path,
         "num_layers": len(job.layers),
         "modules": modules,
     }  # fmt: skip
     job.writer.finish(manifest, load_config_json(job.model_dir), model_files_for_copy(job.model_dir))
-    return modules
 
 
-def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tuple[Tensor, dict[str, Any]]]:
+def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> LayerInputs:
     """Run the calibration batches through everything before the first decoder layer; keep its inputs."""
     config, path = job.config, job.layers_path
     head = _output_head_name(job.meta)
@@ -363,21 +395,21 @@ def _layer0_inputs(job: _Job, calib: Tensor, batch_size: int | None) -> list[tup
     batches = [{"input_ids": b} for b in calib.split(bs)] + job.images
     owner = job.meta.get_submodule(path.rpartition(".")[0]) if "." in path else job.meta
     with Deepstack.capture(owner) as injections:
-        states, job.layer_kwargs = _capture_inputs(
+        states, per_layer = _capture_inputs(
             job.meta, job.layers, batches, job.device, job.family.per_layer_kwargs
         )
-    job.injections = injections
     cast.remove()
     log.info("captured %d batches (%d with images) at %s", len(states), len(job.images), path)
     release(job.meta, skip=[path])  # nothing outside the layers is needed past layer 0's inputs
-    return states
+    hidden, kwargs = [h for h, _ in states], [kw for _, kw in states]
+    return LayerInputs(hidden, kwargs, per_layer=per_layer, injections=injections, forwards=job.forwards)
 
 
 def _asymmetric(job: _Job, done: int) -> bool:
     """Whether this run keeps the float model's activations for GPTAQ."""
-    if "gptaq" not in algorithm_steps(job.algorithm) or not job.uses_data:
+    if not job.steps.float_reference or not job.uses_data:
         return False
-    if not is_sequential(job.recipe.params, job.algorithm):
+    if not job.sequential:
         log.warning("gptaq with --no-sequential: every layer reads the float model's activations; it is gptq")
         return False
     if done:
@@ -386,13 +418,6 @@ def _asymmetric(job: _Job, done: int) -> bool:
             "--resume (or with --algorithm gptq)"
         )
     return True
-
-
-def _inject(job: _Job, states: list[tuple[Tensor, dict[str, Any]]], i: int) -> None:
-    """Add what the model adds to the hidden states after layer i (Qwen3-VL's deepstack visual features)."""
-    for j, injection in enumerate(job.injections):
-        if injection is not None:
-            states[j] = (injection.apply(states[j][0], i), states[j][1])
 
 
 def _static_activations(specs: Any, recipe: Recipe) -> bool:
@@ -455,81 +480,6 @@ def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
-@dataclass
-class _FloatOutputs:
-    """Not sequential: the float layer's outputs of the statistics pass become the next layer's inputs."""
-
-    in_place: bool  # no later pass reads the inputs: each batch's output replaces its input at once
-    outputs: list[Tensor] = field(default_factory=list)  # otherwise kept beside them until the layer is done
-    done: bool = False
-
-
-def _loop_over(
-    states: list[tuple[Tensor, dict[str, Any]]],
-    following: _FloatOutputs | None = None,
-    forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    reference: list[tuple[Tensor, dict[str, Any]]] | None = None,
-    reference_out: list[Tensor] | None = None,
-) -> Callable[..., None]:
-    """The calibration loop over a layer's inputs; the first pass's outputs go to `following` if given. With
-    `reference` (GPTAQ: the float model's activations of the same batches), the first pass runs each batch
-    of it before the batch itself (`calibrate.reference_pass`) and puts those outputs in `reference_out`;
-    a later pass does the same (without keeping the outputs) when called with `reference_again=True`.
-    `stop_after`: a later pass that needs only the inputs of the modules up to this one ends each forward
-    there (`calibrate.stopping_after`)."""
-
-    def loop(layer: nn.Module, reference_again: bool = False, stop_after: nn.Module | None = None) -> None:
-        record = following is not None and not following.done
-        first = reference is not None and reference_out is not None and not reference_out
-        if stop_after is not None and (record or first):
-            raise AssertionError("the first pass keeps the layer's outputs: it runs every forward to the end")
-        with reused_heap(), stopping_after(stop_after):
-            _loop(layer, record, first or reference_again, first)
-        if record:
-            assert following is not None
-            following.done = True
-
-    def forward(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Any:
-        try:
-            with forwards():
-                return layer(hidden, **kwargs)
-        except StageInputsSeen:
-            return None
-
-    def _loop(layer: nn.Module, record: bool, pair: bool, keep: bool) -> None:
-        for j, (hidden, kwargs) in enumerate(states):
-            if pair and reference is not None:
-                with reference_pass(layer):
-                    ref = forward(layer, reference[j][0], kwargs)
-                if keep:
-                    assert reference_out is not None
-                    reference_out.append((ref[0] if isinstance(ref, tuple) else ref).to(hidden.dtype))
-            out = forward(layer, hidden, kwargs)
-            if record:
-                assert following is not None
-                out = (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
-                if following.in_place:
-                    states[j] = (out, kwargs)
-                else:
-                    following.outputs.append(out)
-
-    return loop
-
-
-@torch.no_grad()
-def _advance(
-    layer: nn.Module,
-    states: list[tuple[Tensor, dict[str, Any]]],
-    forwards: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> None:
-    """Replace each batch's hidden states by the quantized layer's output."""
-    with reused_heap():
-        for j, (hidden, kwargs) in enumerate(states):
-            with forwards():
-                out = layer(hidden, **kwargs)
-            states[j] = ((out[0] if isinstance(out, tuple) else out).to(hidden.dtype), kwargs)
-
-
 def matmul_dtype(choice: str, stored: torch.dtype, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of calibration's forward passes for AlgorithmParams.calib_dtype `choice` (None: fp32).
 
@@ -549,16 +499,6 @@ def _fast_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return device.type == "cpu" and any(callable(p) and p() for p in probes)
-
-
-def _check_activations(states: list[tuple[Tensor, dict[str, Any]]], prefix: str) -> None:
-    for hidden, _ in states:
-        # a NaN or Inf makes the sum non-finite; only then (or on an overflowing sum) look element by element
-        if not torch.isfinite(hidden.sum()) and not torch.isfinite(hidden).all():
-            raise LowbitError(
-                f"{prefix}: NaN or Inf in its inputs during calibration; the model overflows "
-                "in this dtype or its weights are damaged: check the checkpoint"
-            )
 
 
 def _replay_layer(job: _Job, layer: nn.Module, i: int) -> dict[str, Any]:

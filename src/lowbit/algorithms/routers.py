@@ -3,7 +3,7 @@
 A router reads the hidden states of the quantized model, which differ from the float model's by the error of
 every quantized layer before it, this layer's attention included. A small change there sends some tokens to
 another expert: a discrete change of the block's output that a dense MLP does not have, and the main reason a
-quantized MoE loses more than a dense model of its active size (docs/results.md, section 8).
+quantized MoE loses more than a dense model of its active size (docs/experiments, the 2026-12-01 MoE entry).
 
 With the float model's logits z_f = W x_f of the calibration tokens (gathered in GPTAQ's reference pass) and
 the router inputs x_q of the calibrated, quantized layer on the same tokens, the router weight becomes the
@@ -19,7 +19,7 @@ E||z_f||^2 before and after.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.gptq import damped
-from lowbit.algorithms.stats import in_reference
+from lowbit.algorithms.passes import ForwardLoop, Pass
+from lowbit.algorithms.stats import CalibrationContext
 
 
 def find_routers(layer: nn.Module, router: str) -> dict[str, nn.Module]:
@@ -57,12 +58,13 @@ def _fp32(x: Tensor) -> contextlib.AbstractContextManager[Any]:
 
 
 @contextlib.contextmanager
-def record_targets(routers: dict[str, nn.Module]) -> Iterator[dict[str, _Fit]]:
-    """While the statistics pass runs: keep each reference pass's logits W x_f of every router."""
+def record_targets(routers: dict[str, nn.Module], context: CalibrationContext) -> Iterator[dict[str, _Fit]]:
+    """While the statistics pass runs: keep the logits W x_f of every router in each of the pass's reference
+    forwards (`context.reference`)."""
     fits = {name: _Fit(_weight(m).detach().float().clone()) for name, m in routers.items()}
 
     def hook(name: str, args: tuple[Any, ...]) -> None:
-        if in_reference():
+        if context.reference:
             fit = fits[name]
             x = args[0].detach().reshape(-1, fit.weight.shape[1]).float()
             with _fp32(x):
@@ -80,7 +82,7 @@ def record_targets(routers: dict[str, nn.Module]) -> Iterator[dict[str, _Fit]]:
 def refit(
     routers: dict[str, nn.Module],
     fits: dict[str, _Fit],
-    forward_loop: Callable[[nn.Module], None],
+    forward_loop: ForwardLoop,
     layer: nn.Module,
     damp: float,
     storage_dtypes: dict[str, torch.dtype] | None = None,
@@ -110,7 +112,7 @@ def refit(
 
     handles = [routers[n].register_forward_pre_hook(lambda _, a, n=n: hook(n, a)) for n in fits]
     try:
-        forward_loop(layer)
+        forward_loop(layer, Pass())  # the quantized layer, as the next layers will see it
     finally:
         for handle in handles:
             handle.remove()

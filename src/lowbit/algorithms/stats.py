@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,11 +45,18 @@ class InputStats:
     # which input tensor these rows come from (`collect_inputs`): equal for the routing-weighted statistics of
     # MoE experts that all read the block's one input, each with its own token weights
     source: int | None = None
+    # how each accumulated field combines over processes that saw different batches (passes.Reducer): sums
+    # add, maxima take the max; the report's sampled rows are gathered (a process past in_features rows holds
+    # their Hessian instead: the rows then go into the sum)
+    REDUCTIONS: ClassVar[dict[str, str]] = {
+        "n": "SUM", "mass": "SUM", "n_hessian": "SUM", "rows_seen": "SUM", "amax": "MAX", "abssum": "SUM",
+        "hessian_sum": "SUM", "rows": "GATHER", "cross_sum": "SUM", "n_cross": "SUM",
+    }  # fmt: skip
 
     @torch.no_grad()
     def add(self, x: Tensor, weight: Tensor | None = None) -> None:
         """Accumulate the rows of x; `weight` (rows,) weights each row in absmean, the Hessian and the cross
-        term (a routed expert's tokens, `moe.token_weights`); amax stays over every row."""
+        term (a routed expert's tokens, `moe.TokenWeights`); amax stays over every row."""
         x = x.detach().reshape(-1, self.in_features)
         if weight is not None:
             weight = weight.detach().reshape(-1).float()
@@ -165,37 +173,43 @@ def _same(a: Tensor, b: Tensor) -> bool:
     )  # fmt: skip
 
 
-class _Reference:
-    active = False
+@dataclass
+class CalibrationContext:
+    """What the hooks of one calibration pass read while its forwards run, made per pass and handed to them
+    (`collect_inputs`, `routers.record_targets`, the ExpertLists through `moe.set_calibrating`): whether the
+    forward now running is a reference one, and the token weights of the MoE expert now running. Nothing a
+    hook reads is stored on a class, so two passes (or two `collect_inputs`) never see each other's."""
 
+    reference: bool = False  # the forward now running computes the float model's activations (GPTAQ)
+    token_weights: moe.TokenWeights = field(default_factory=moe.TokenWeights)
 
-def in_reference() -> bool:
-    """Whether the forward now running is a reference pass (the float model's activations)."""
-    return _Reference.active
-
-
-@contextmanager
-def reference_inputs() -> Iterator[None]:
-    """Forward passes in this context give each Linear's input of the float model (GPTAQ's reference, the
-    same tokens as the next forward): `collect_inputs` keeps them for that forward's cross statistics and
-    records nothing else from them."""
-    _Reference.active = True
-    try:
-        yield
-    finally:
-        _Reference.active = False
+    @contextmanager
+    def reference_inputs(self) -> Iterator[None]:
+        """Forward passes in this context give each Linear's input of the float model (GPTAQ's reference, the
+        same tokens as the next forward): `collect_inputs` keeps them for that forward's cross statistics and
+        records nothing else from them."""
+        self.reference = True
+        try:
+            yield
+        finally:
+            self.reference = False
 
 
 @contextmanager
 def collect_inputs(
-    linears: Mapping[str, nn.Module], hessian_rows: int | None, absmean: bool = True
+    linears: Mapping[str, nn.Module],
+    hessian_rows: int | None,
+    absmean: bool = True,
+    context: CalibrationContext | None = None,
 ) -> Iterator[dict[str, InputStats]]:
     """Hooks that fill {name: InputStats} while the caller runs forward passes. Linears called with the very
     same tensor object as one of the last few Linears (q/k/v, gate/up, every expert of a MoE block during
     calibration) share that one's InputStats, so a shared input is accumulated once. A forward under
-    `reference_inputs()` before a forward adds E[(x_f - x_q) x_q^T] (`InputStats.cross`). Inside a MoE expert
-    under token weighting (`moe.token_weights`) the rows are weighted, and only the Linears of one expert
-    (the same weights) share."""
+    `context.reference_inputs()` before a forward adds E[(x_f - x_q) x_q^T] (`InputStats.cross`). Inside a MoE
+    expert under token weighting (`context.token_weights`) the rows are weighted, and only the Linears of one
+    expert (the same weights) share. Without a `context` the hooks read one of their own (no reference, no
+    token weights)."""
+    ctx = CalibrationContext() if context is None else context
     stats: dict[str, InputStats] = {}
     recent: list[tuple[Tensor, Tensor | None, InputStats]] = []  # kept alive, so identity is reliable
     sources = itertools.count()
@@ -203,11 +217,11 @@ def collect_inputs(
 
     def hook(name: str, args: tuple[Tensor, ...]) -> None:
         x = args[0]
-        if _Reference.active:
+        if ctx.reference:
             pending[name] = x.detach()
             return
         reference = pending.pop(name, None)
-        weight = moe.token_weights()
+        weight = ctx.token_weights.current
         same_x = [i for i, (t, _, _) in enumerate(recent) if _same(t, x)]
         seen = next((i for i in same_x if recent[i][1] is weight), None)
         if seen is not None:

@@ -165,7 +165,8 @@ class Family:
     decoder_type: str  # TensorRT-LLM decoder type
     smooth: tuple[Smooth, ...] = ()
     # Linears whose clip search is skipped. AutoAWQ skips q/k (attention scores); on pydocs-llama clipping
-    # them too gave 13% lower KL at int4 (docs/results.md), so no family skips any by default.
+    # them too gave 13% lower KL at int4 (docs/experiments, the 2026-11-23 calibration-algorithms entry), so
+    # no family skips any by default.
     no_clip: tuple[str, ...] = field(default=())
     fused: tuple[tuple[str, ...], ...] = LLAMA_FUSED
     # Linears (patterns, `*` = every expert) whose input quantizers engines run with one scale: the
@@ -294,3 +295,27 @@ def resolve_family(config: Any, model: nn.Module) -> Family:
         model_type, path,
     )  # fmt: skip
     return replace(Family((model_type,), path, ""), fused=(), known=False)
+
+
+def whole_model_family(model: nn.Module) -> Family | None:
+    """The model's family facts with per-layer names made full names (model.layers.3.input_layernorm), for
+    calibrating or training the whole model at once; None for a model without facts."""
+    config = getattr(model, "config", None)
+    try:
+        fam = family(getattr(config, "model_type", ""))
+    except LowbitError:
+        return None
+    layers = model.get_submodule(fam.layers)
+    n = len(layers)  # type: ignore[arg-type]
+    smooth = tuple(
+        replace(s, prev=f"{fam.layers}.{i}.{s.prev}", linears=tuple(f"{fam.layers}.{i}.{x}" for x in s.linears),
+                also=tuple(f"{fam.layers}.{i}.{x}" for x in s.also))
+        for i in range(n) for s in fam.smooth
+    )  # fmt: skip
+
+    def per_layer(groups: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(f"{fam.layers}.{i}.{x}" for x in group) for i in range(n) for group in groups)
+
+    no_clip = tuple(f"{fam.layers}.{i}.{x}" for i in range(n) for x in fam.no_clip)
+    return replace(fam, smooth=smooth, no_clip=no_clip, fused=per_layer(fam.fused),
+                   shared_inputs=per_layer(fam.shared_inputs))  # fmt: skip

@@ -10,16 +10,17 @@ checkpoint load one by one; a model already loaded with fused tensors is split i
 Calibration (`calibrating = True`): every expert runs on every token, so each expert's statistics come from
 the whole calibration set, while the block's output stays the routed combination (the next layers see what
 the model computes). With a `weight_floor` (calibration's default, `AlgorithmParams.moe_weighting`) the
-statistics hooks weight each token by its routing weight to the expert squared, plus the floor
-(`token_weights`); without one every token counts alike. `routed` counts the tokens the router actually sent
-to each expert; an expert with none is reported (its statistics are then every token's at the floor's equal
-weight, never missing).
+statistics hooks weight each token by its routing weight to the expert squared, plus the floor (through
+the pass's `TokenWeights`, which `set_calibrating` hands to the ExpertLists); without one every token counts
+alike. `routed` counts the tokens the router actually sent to each expert; an expert with none is reported
+(its statistics are then every token's at the floor's equal weight, never missing).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,23 +49,21 @@ class Expert(nn.Module):
         return getattr(self, self.down)(h)
 
 
-class _TokenWeights:
+@dataclass
+class TokenWeights:
+    """The weight of each token of the expert now running in a calibration pass (its rows' weight in the
+    input statistics): `current`, None outside an expert or with uniform weighting. One per pass
+    (`stats.CalibrationContext`): the ExpertLists set it, that pass's statistics hooks read it."""
+
     current: Tensor | None = None
 
-
-def token_weights() -> Tensor | None:
-    """The weight of each token of the expert now running in calibration (its rows' weight in the input
-    statistics), None outside an expert or with uniform weighting."""
-    return _TokenWeights.current
-
-
-@contextlib.contextmanager
-def _weighting(w: Tensor | None) -> Iterator[None]:
-    _TokenWeights.current = w
-    try:
-        yield
-    finally:
-        _TokenWeights.current = None
+    @contextlib.contextmanager
+    def weighting(self, w: Tensor | None) -> Iterator[None]:
+        self.current = w
+        try:
+            yield
+        finally:
+            self.current = None
 
 
 class ExpertList(nn.ModuleList):
@@ -80,6 +79,7 @@ class ExpertList(nn.ModuleList):
         super().__init__(experts)
         self.calibrating = False
         self.weight_floor: float | None = None
+        self.token_weights: TokenWeights | None = None  # where the calibration pass reads the token weights
         self.routed = [0] * len(experts)  # tokens routed to each expert during calibration
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -95,7 +95,7 @@ class ExpertList(nn.ModuleList):
                     w = hidden_states.new_zeros(hidden_states.shape[0], dtype=torch.float32)
                     w[token_idx] = top_k_weights[token_idx, pos].float().square()
                     w += floor
-                with _weighting(w):  # statistics from every token, output from the routed
+                with self._weighting(w):  # statistics from every token, output from the routed
                     y = expert(hidden_states)[token_idx]
             elif token_idx.numel():
                 y = expert(hidden_states[token_idx])
@@ -104,19 +104,26 @@ class ExpertList(nn.ModuleList):
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
         return out
 
+    def _weighting(self, w: Tensor | None) -> contextlib.AbstractContextManager[None]:
+        return self.token_weights.weighting(w) if self.token_weights is not None else contextlib.nullcontext()
+
 
 def expert_lists(root: nn.Module) -> list[tuple[str, ExpertList]]:
     return [(name, m) for name, m in root.named_modules() if isinstance(m, ExpertList)]
 
 
-def set_calibrating(root: nn.Module, flag: bool, weight_floor: float | None = None) -> None:
+def set_calibrating(
+    root: nn.Module, flag: bool, weight_floor: float | None = None, token_weights: TokenWeights | None = None
+) -> None:
     """Route every token through every expert (statistics) while the output stays routed; zero the counts
-    when calibration starts. `weight_floor`: see ExpertList."""
+    when calibration starts. `weight_floor`: see ExpertList; `token_weights`: where the pass's statistics
+    hooks read each expert's token weights (None: nothing reads them)."""
     for _, m in expert_lists(root):
         if flag and not m.calibrating:
             m.routed = [0] * len(m)
         m.calibrating = flag
         m.weight_floor = weight_floor if flag else None
+        m.token_weights = token_weights if flag else None
 
 
 def unfuse_experts(model: nn.Module, family: Family) -> int:

@@ -7,7 +7,6 @@ the default skips (lm_head, embeddings, routers, conv1d, vision towers, ...) com
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -35,133 +34,16 @@ from lowbit.formats.scaled import (
     ScaledFormat,
 )
 from lowbit.quant.linear import QuantSpec
+from lowbit.quant.steps import STEPS, Algorithm, AlgorithmParams, closest
 
-ALGORITHM_STEPS = (
-    "max",
-    "smoothquant",
-    "awq_lite",
-    "awq_clip",
-    "awq_full",
-    "gptq",
-    "gptaq",
-    "mse",
-    "percentile",
-    "none",
-)
-ALGORITHM_ALIASES = {"awq": "awq_lite", "sq": "smoothquant"}
-ALGORITHMS = (*ALGORITHM_STEPS, "awq+gptq", "awq_full+gptq", "smoothquant+gptq", "mse+gptq")  # common ones
-
-
-CALIB_DTYPES = ("auto", "float32", "bfloat16")
-MOE_WEIGHTINGS = ("routed", "uniform")
-
-
-@dataclass(frozen=True)
-class AlgorithmParams:
-    """Parameters of the calibration algorithms (CLI flags / the `algorithm_params` key of a YAML recipe)."""
-
-    sq_alpha: float = 1.0  # SmoothQuant migration strength (the sweep in docs/results.md: 1.0 is best)
-    awq_grid: int = 20  # AWQ alpha grid points in [0, 1)
-    clip_grid: int = 10  # clip ratios 1.0, 0.95, ... (awq_clip, mse)
-    clip_min: float = 0.5  # smallest clip ratio
-    gptq_block_size: int = 128
-    gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    gptq_act_order: bool = True  # columns by descending diag(H), with static groups
-    # rounds of GPTQ's codes then group scales refitted to them, each round on the scales of the one before
-    # (one-stage symmetric group formats: INT4, NVFP4, MXFP4; each row keeps its best round). 4: the best of
-    # 1, 4, 8, 16 on pydocs-llama's validation text (docs/results.md section 14)
-    gptq_rounds: int = 4
-    # GPTQ module by module in the layer's forward order (q/k/v, o, gate/up, down): each one's Hessian (and
-    # GPTAQ's cross term) from inputs computed with the modules before it in the layer already quantized.
-    # None: on with sequential GPTAQ (its float target then also corrects the error of the modules before
-    # it: -10% KL on pydocs-llama), off with GPTQ (no gain measured); docs/results.md section 14
-    true_sequential: bool | None = None
-    # GPTAQ: fraction of the float-input correction W D H^-1 in GPTQ's target. None: 1.0 true-sequential,
-    # 0.25 otherwise (the best of each sweep in docs/results.md)
-    gptaq_alpha: float | None = None
-    gptaq_routers: bool = True  # GPTAQ: refit MoE routers (high precision) to the float model's logits
-    # a MoE expert's input statistics (AWQ's mean |x| and loss, GPTQ's Hessian, GPTAQ's cross term) over every
-    # calibration token, each token weighted by what the expert's error costs the block's output: "routed" =
-    # its routing weight squared where the router chose the expert, plus for every token `moe_weight_floor`
-    # times the mean routed weight squared (near misses; an expert the router never chose is calibrated on all
-    # tokens alike); "uniform" = every token alike. The floor: docs/results.md section 16
-    moe_weighting: str = "routed"
-    moe_weight_floor: float = 1e-3
-    percentile: float = 99.99  # activation amax percentile ("percentile" step)
-    # True: each layer is calibrated on the outputs of the quantized layers before it; False: on the float
-    # model's activations (one pass per layer instead of two, as ModelOpt does); None: True where a step fits
-    # the weights to the layer's inputs (AWQ, GPTQ), False where only scales are observed (max, smoothquant:
-    # the same KL either way on pydocs-llama, in half the time; docs/results.md section 13)
-    sequential: bool | None = None
-    # dtype of the matrix products in calibration's forward passes: "auto" = the checkpoint's own (a BF16
-    # model runs bf16 products with fp32 accumulation, as on a GPU; 5x faster on AMX CPUs), "float32", or
-    # "bfloat16". Weights, statistics and every algorithm's own arithmetic stay fp32 whatever this is.
-    calib_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.gptq_rounds < 1:
-            raise LowbitError(f"gptq_rounds {self.gptq_rounds}: use 1 or more (1 = GPTQ once, as published)")
-        if self.moe_weighting not in MOE_WEIGHTINGS:
-            raise LowbitError(
-                f"unknown moe_weighting {self.moe_weighting!r}{closest(str(self.moe_weighting), MOE_WEIGHTINGS)}; "
-                f"use one of {', '.join(MOE_WEIGHTINGS)}"
-            )
-        if not self.moe_weight_floor > 0:
-            raise LowbitError(
-                f"moe_weight_floor {self.moe_weight_floor}: use a positive number (it keeps every token in an "
-                "expert's statistics; 0.001 is the default)"
-            )
-        if self.calib_dtype not in CALIB_DTYPES:
-            raise LowbitError(
-                f"unknown calib_dtype {self.calib_dtype!r}{closest(str(self.calib_dtype), CALIB_DTYPES)}; "
-                f"use one of {', '.join(CALIB_DTYPES)}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-SEQUENTIAL_STEPS = frozenset({"awq_lite", "awq_clip", "awq_full", "gptq", "gptaq"})
-
-
-def is_sequential(params: AlgorithmParams, algorithm: str) -> bool:
-    """Whether `algorithm` calibrates each layer on the quantized layers' outputs (AlgorithmParams.sequential)."""
-    if params.sequential is not None:
-        return params.sequential
-    return bool(algorithm_steps(algorithm) & SEQUENTIAL_STEPS)
-
-
-def is_true_sequential(params: AlgorithmParams, algorithm: str) -> bool:
-    """Whether GPTQ / GPTAQ quantizes a layer's modules stage by stage (AlgorithmParams.true_sequential)."""
-    if params.true_sequential is not None:
-        return params.true_sequential
-    return "gptaq" in algorithm_steps(algorithm) and is_sequential(params, algorithm)
-
-
-def gptaq_alpha(params: AlgorithmParams, algorithm: str) -> float:
-    """GPTAQ's share of the float-input correction (AlgorithmParams.gptaq_alpha)."""
-    if params.gptaq_alpha is not None:
-        return params.gptaq_alpha
-    return 1.0 if is_true_sequential(params, algorithm) else 0.25
+# the steps that fit the weights to the layer's inputs (sequential by default), and an algorithm's step names:
+# for benchmarks/side_by_side.py; lowbit itself asks the records (quant/steps.py)
+SEQUENTIAL_STEPS = frozenset(name for name, step in STEPS.items() if step.fits_weights)
 
 
 def algorithm_steps(name: str) -> frozenset[str]:
-    """The steps of an algorithm name such as 'awq_full+gptq' (checked: at most one smoothing method)."""
-    steps = [ALGORITHM_ALIASES.get(s.strip(), s.strip()) for s in name.split("+")]
-    for step in steps:
-        if step not in ALGORITHM_STEPS:
-            raise LowbitError(
-                f"unknown algorithm step {step!r}{closest(step, ALGORITHM_STEPS)} in {name!r}; "
-                f"combine {', '.join(ALGORITHM_STEPS)} with '+' (e.g. awq+gptq)"
-            )
-    found = frozenset(steps)
-    if "smoothquant" in found and found & {"awq_lite", "awq_full"}:
-        raise LowbitError(f"{name!r}: SmoothQuant and AWQ both smooth; choose one of them")
-    if {"gptq", "gptaq"} <= found:
-        raise LowbitError(f"{name!r}: GPTAQ is GPTQ with the float model's inputs; choose one of them")
-    if "none" in found and len(found) > 1:
-        raise LowbitError(f"{name!r}: 'none' (no calibration) cannot be combined with other steps")
-    return found
+    """The step names of an algorithm such as 'awq_full+gptq' (checked as `Algorithm.parse` checks it)."""
+    return Algorithm.parse(name).names
 
 
 DEFAULT_SKIPS = (
@@ -197,6 +79,11 @@ class Recipe:
     kv_cache: ScaledFormat | None = None
     skips: tuple[str, ...] = field(default=DEFAULT_SKIPS)
     params: AlgorithmParams = field(default_factory=AlgorithmParams)
+
+    @property
+    def steps(self) -> Algorithm:
+        """The algorithm's steps, as records (quant/steps.py)."""
+        return Algorithm.parse(self.algorithm)
 
     def resolve(self, module_name: str) -> QuantSpec | None:
         for pattern in self.skips:
@@ -279,12 +166,6 @@ PRESETS: dict[str, Recipe] = {
 KV_CACHE_FORMATS: dict[str, ScaledFormat | None] = {"fp8": FP8_TENSOR, "nvfp4": NVFP4_DYNAMIC, "none": None}
 
 
-def closest(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    """' (did you mean X?)' for the closest choice, or ''."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def preset(name: str) -> Recipe:
     """The built-in recipe called `name`."""
     if name not in PRESETS:
@@ -296,12 +177,7 @@ def preset(name: str) -> Recipe:
 
 def check_algorithm(name: str) -> str:
     """`name` normalised ('awq+gptq' -> 'awq_lite+gptq'), or a LowbitError naming the closest algorithm."""
-    if "+" not in name and ALGORITHM_ALIASES.get(name, name) not in ALGORITHM_STEPS:
-        raise LowbitError(
-            f"unknown algorithm {name!r}{closest(name, ALGORITHMS)}; choose one of {', '.join(ALGORITHMS)}"
-        )
-    algorithm_steps(name)
-    return "+".join(ALGORITHM_ALIASES.get(s.strip(), s.strip()) for s in name.split("+"))
+    return str(Algorithm.parse(name))
 
 
 def kv_cache_format(name: str | None) -> ScaledFormat | None:
