@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.checkpoint.load import load_model
 from lowbit.data.text import eval_windows
+from lowbit.loader import load_model
 from lowbit.models.loading import load_tokenizer
 
 

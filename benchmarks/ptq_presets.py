@@ -29,9 +29,10 @@ import torch
 from transformers import AutoTokenizer
 
 from lowbit.algorithms.layerwise import quantize_checkpoint
-from lowbit.checkpoint.load import load_model
 from lowbit.data.text import calibration_windows, eval_windows
 from lowbit.eval.metrics import MetricSums
+from lowbit.loader import load_model
+from lowbit.models.loading import bound_heap
 from lowbit.quant.recipe import PRESETS, preset
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    bound_heap()  # as the lowbit command line does at start (models.loading.bound_heap)
     if not args.no_eval and not args.eval:
         p.error("--eval is required unless --no-eval")
     if args.isolate:

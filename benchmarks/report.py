@@ -1,4 +1,4 @@
-"""Markdown tables from benchmark result files (JSON lines), for docs/results.md.
+"""Markdown tables from benchmark result files (JSON lines), for docs/results.md and docs/experiments/.
 
     python benchmarks/report.py benchmarks/results/lowbit-pydocs-max.jsonl \
         --peers benchmarks/results/peers-pydocs-max.jsonl

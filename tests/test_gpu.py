@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.algorithms.layerwise import quantize_checkpoint
-from lowbit.checkpoint.load import load_model
+from lowbit.loader import load_model
 from lowbit.quant import preset
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

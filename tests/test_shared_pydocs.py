@@ -5,9 +5,9 @@ import torch
 from transformers import AutoTokenizer
 
 from lowbit.algorithms.layerwise import quantize_checkpoint
-from lowbit.checkpoint.load import load_model
 from lowbit.data.text import calibration_windows, eval_windows
 from lowbit.eval.runner import evaluate
+from lowbit.loader import load_model
 from lowbit.quant import preset
 
 from .conftest import SHARED

@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from lowbit.models.loading import bound_heap
+
+    bound_heap()  # as the lowbit command line does at start
+
     sampler = Sampler(args.interval)
     sampler.start()
     print(

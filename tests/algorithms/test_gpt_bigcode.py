@@ -4,8 +4,8 @@ as the smoothing fold target, fused c_attn; quantize -> AWQ / SmoothQuant -> exp
 import pytest
 import torch
 
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
+from lowbit.loader import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.algorithms.layerwise import quantize_checkpoint
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export import ExportOptions, export
+from lowbit.loader import load_model
 from lowbit.quant import preset
 from lowbit.quant.linear import QuantLinear
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
+from lowbit.loader import load_model
 from lowbit.models.conv1d import conv1d_names, linearize
 from lowbit.quant.linear import QuantLinear
 

@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
+from lowbit.loader import load_model
 from lowbit.quant.recipe import PRESETS as PRESET_NAMES
 
 pytestmark = pytest.mark.slow

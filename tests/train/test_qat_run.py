@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowbit.checkpoint.load import load_model
 from lowbit.cli import main
+from lowbit.loader import load_model
 from lowbit.train.trainer import KILL_AT_ENV, read_metrics
 
 pytestmark = pytest.mark.slow

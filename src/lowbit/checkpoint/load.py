@@ -27,20 +27,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return dict(json.loads((Path(path) / MANIFEST).read_text()))
 
 
-def load_model(
+def load_checkpoint(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, dict[str, Any] | None]:
-    """(model, manifest): the model with its quantization applied; manifest None for a plain model."""
+    """(model, manifest): a lowbit checkpoint with its quantization applied, or a plain Hugging Face model
+    (manifest None). Exports are read by `lowbit.loader.load_model`."""
     from lowbit.models.loading import auto_model_class, load_config, resolve_model
 
     model_dir = resolve_model(str(path))
-    from lowbit.export.readback import export_format, load_export
-
-    exported = export_format(model_dir) if not is_lowbit_checkpoint(model_dir) else None
-    if exported is not None:
-        model, summary = load_export(model_dir, exported, dtype)
-        model.to(device)
-        return model, summary
     try:
         model = auto_model_class(load_config(model_dir)).from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -77,7 +71,7 @@ def apply_quantization(model: nn.Module, ckpt: Path, manifest: dict[str, Any]) -
             if is_attention(module):
                 for attr in KV_QUANTIZERS:
                     module.add_module(attr, Quantizer(fmt))
-        use_kv_attention(model.config)  # type: ignore[arg-type]
+        use_kv_attention(model)
     for file in sorted(ckpt.glob("quantizers-*.safetensors")):
         load_quantizer_stats(model, load_file(str(file)))
 

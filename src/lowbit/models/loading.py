@@ -33,6 +33,7 @@ def resolve_model(model: str) -> Path:
             raise LowbitError(
                 f"{model}: no config.json in this directory; pass a Hugging Face model directory"
             )
+        load_config_json(path)  # a config.json that does not parse is named here, whatever reads it next
         return path
     if path.exists():
         raise LowbitError(f"{model}: is a file, not a model directory; pass the directory with config.json")
@@ -53,12 +54,40 @@ def resolve_model(model: str) -> Path:
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
+    if (model_dir / "config.json").is_file():
+        load_config_json(model_dir)  # names the line and column where it does not parse
     try:
         return AutoConfig.from_pretrained(model_dir)
     except ValueError as e:
         raise LowbitError(
             f"{model_dir}: transformers does not know this architecture ({str(e).splitlines()[0]})"
         ) from None
+
+
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings")  # GPT-2 and GPT-BigCode call it n_positions
+
+
+def max_context(config: PretrainedConfig) -> tuple[str, int] | None:
+    """(config key, length): the longest sequence the model's positions cover, from its text config; None
+    where the config states none."""
+    text = config.get_text_config()
+    for key in CONTEXT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
+def check_context(config: PretrainedConfig, seq_len: int) -> None:
+    """Refuse calibration windows longer than the model's maximum context (they only cost time: building and
+    running them grows with the length, and the model was never trained on such positions)."""
+    limit = max_context(config)
+    if limit is not None and seq_len > limit[1]:
+        key, n = limit
+        raise LowbitError(
+            f"--calib-seq-len {seq_len} exceeds the model's maximum context ({key} {n}); "
+            f"use --calib-seq-len {n} or less"
+        )
 
 
 class SafetensorsReader:
@@ -245,16 +274,26 @@ MMAP_THRESHOLD = 1 << 20
 TRIM_THRESHOLD = 128 << 10  # glibc's default
 
 
+class _Heap:
+    bounded = False  # whether this process chose lowbit's allocator bounds (bound_heap)
+
+
 def bound_heap(threshold: int = MMAP_THRESHOLD) -> None:
     """Serve allocations of `threshold` bytes and more by mmap, returned to the OS when freed. glibc's
     default threshold adapts upwards to the largest freed block, after which layer-sized tensors land in a
-    heap that fragments and grows with depth (docs/results.md, memory benchmark)."""
+    heap that fragments and grows with depth (docs/results.md#memory;
+    docs/experiments/2026-11-23-memory-peak-rss-against-depth.md).
+
+    This is a setting of the whole process that glibc cannot undo (its adaptive default is gone once set),
+    so only an entry point makes it: `lowbit`'s command line does at start, a Python program may once before
+    `quantize_checkpoint`; no library call does."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+        _Heap.bounded = True
 
 
-# measured (docs/results.md section 13): 8 MB takes a pydocs-llama SmoothQuant run from 12.2 to 7.6 s and keeps
-# the 8-layer synthetic model's fp8 peak (1.07 -> 1.08 GB); 32 MB gave 6.8 s but 1.20 GB
+# measured (docs/experiments, the 2026-12-02 wall-time entry): 8 MB takes a pydocs-llama SmoothQuant run from
+# 12.2 to 7.6 s and keeps the 8-layer synthetic model's fp8 peak (1.07 -> 1.08 GB); 32 MB gave 6.8 s but 1.20 GB
 BATCH_HEAP = 8 << 20
 
 
@@ -265,10 +304,13 @@ def reused_heap(threshold: int = BATCH_HEAP) -> Iterator[None]:
     the next batch reuses their pages instead of mapping fresh ones (a page fault per 4 kB, a third of the wall
     time of a SmoothQuant run of a small model); larger blocks stay mapped per use, as outside, so that a wide
     model's layer temporaries do not fragment the heap. On exit the bound is restored and the freed pages go
-    back to the OS."""
+    back to the OS. In a process that did not bound its heap (`bound_heap`) this does nothing: glibc's
+    adaptive defaults could not be restored afterwards."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
+        libc = None
+    if libc is None or not _Heap.bounded:
         yield
         return
     libc.mallopt(M_TRIM_THRESHOLD, threshold)
@@ -354,8 +396,31 @@ def model_files_for_copy(model_dir: Path) -> list[Path]:
     ]
 
 
+def read_json(path: Path) -> Any:
+    """The parsed JSON file; a LowbitError naming the file, line and column where it does not parse."""
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise LowbitError(
+            f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); fix or replace the file"
+        ) from None
+    except UnicodeDecodeError as e:  # json.loads of bytes: not UTF-8 (nor UTF-16/32)
+        raise LowbitError(
+            f"{path} is not valid JSON (not UTF-8 text at byte {e.start}); fix or replace the file"
+        ) from None
+
+
 def load_config_json(model_dir: Path) -> dict[str, Any]:
-    return dict(json.loads((model_dir / "config.json").read_text()))
+    path = model_dir / "config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise LowbitError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of settings; fix or replace the file"
+        )
+    return config
+
+
+TOKENIZER_JSON = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -365,6 +430,9 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
+        for name in TOKENIZER_JSON:  # a file that does not parse is the cause: name it
+            if (path / name).is_file():
+                read_json(path / name)
         raise LowbitError(
             f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files there"
         ) from None

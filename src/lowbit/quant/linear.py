@@ -39,6 +39,7 @@ class QuantLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.spec = spec
+        self.training = linear.training  # a model in eval mode stays so (its weights quantized once, cached)
         self.weight_quantizer = QuantizerChain(spec.weight)
         self.input_quantizer = Quantizer(spec.input) if spec.input is not None else None
         # The fake-quantized weight, a non-persistent buffer so that .to() moves or frees it with the layer.

@@ -35,10 +35,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.checkpoint.load import is_lowbit_checkpoint, load_model, read_manifest
+from lowbit.checkpoint.load import is_lowbit_checkpoint, read_manifest
 from lowbit.checkpoint.store import CheckpointWriter, write_json
 from lowbit.errors import LowbitError
 from lowbit.formats.scaled import ScaledFormat, reduce_amax
+from lowbit.loader import load_model
 from lowbit.models.conv1d import conv1d_names, transposed
 from lowbit.models.loading import (
     build_meta_model,
@@ -604,8 +605,7 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 
 
 def _fused_groups(model: nn.Module) -> list[list[str]]:
-    from lowbit.models.families import expand_groups
-    from lowbit.quant.api import whole_model_family
+    from lowbit.models.families import expand_groups, whole_model_family
 
     fam = whole_model_family(model)
     names = [n for n, _ in model.named_modules()]
