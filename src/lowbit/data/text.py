@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from lowbit.errors import LowbitError
 log = logging.getLogger(__name__)
 DEFAULT_CALIB = Path(__file__).resolve().parent.parent / "assets" / "text" / "calib.txt"
 DEFAULT_EVAL = Path(__file__).resolve().parent.parent / "assets" / "text" / "eval.txt"
+# C0 control characters and DEL, less tab, newlines, vertical tab and form feed (which text does hold)
+CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+MAX_CONTROL_SHARE = 0.1  # more than one character in ten a control character: binary data, not text
+NOT_TEXT_FIX = "pass a .txt/.jsonl/.parquet file of UTF-8 text"
 
 
 def read_texts(source: str | Path) -> list[str]:
@@ -33,7 +38,7 @@ def read_texts(source: str | Path) -> list[str]:
             return _read_jsonl(path)
         if suffix == ".parquet":
             return _read_parquet(path)
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        return [read_utf8(path)]
     if path.suffix.lower() in {".txt", ".jsonl", ".parquet", ".json"} or (
         "/" in str(source) and path.parent.exists()
     ):
@@ -41,9 +46,27 @@ def read_texts(source: str | Path) -> list[str]:
     return _read_dataset(str(source))
 
 
+def read_utf8(path: Path) -> str:
+    """The file as text; a LowbitError where its bytes are not UTF-8 text (binary data, another encoding)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path}: not text (invalid UTF-8 at byte {e.start}); {NOT_TEXT_FIX}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise LowbitError(f"{path}: not text (NUL byte at byte {nul}); {NOT_TEXT_FIX}")
+    controls = len(CONTROL.findall(text))
+    if controls > MAX_CONTROL_SHARE * len(text):
+        raise LowbitError(
+            f"{path}: not text ({controls} of {len(text)} characters are control characters); {NOT_TEXT_FIX}"
+        )
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text gives
+
+
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -63,7 +86,12 @@ def _read_parquet(path: Path) -> list[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise LowbitError("reading .parquet needs pyarrow; pip install 'lowbit[data]'") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise LowbitError(
+            f"{path}: not a readable .parquet file ({str(e).splitlines()[0]}); {NOT_TEXT_FIX}"
+        ) from None
     if "text" not in table.column_names:
         raise LowbitError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); rename it")
     return [str(t) for t in table.column("text").to_pylist() if t]
