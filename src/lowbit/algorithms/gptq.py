@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -75,6 +76,35 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "") -> tupl
     )
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ derives from the Hessian alone (`factor_hessian`), the same for every weight and every round
+    that reads this Hessian: the column order, U (upper, U^T U = (H + lambda I)^-1 in that order) and the
+    damping fraction used."""
+
+    perm: Tensor
+    upper: Tensor
+    damp: float
+
+
+@torch.no_grad()
+def factor_hessian(
+    hessian: Tensor, damp: float = 0.01, act_order: bool = True, name: str = ""
+) -> HessianFactor:
+    """GPTQ's Hessian preparation: inputs that were always zero get H_jj = 1 (any value is exact there), the
+    columns go by descending diag(H) with `act_order`, then `inverse_hessian_factor`."""
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    n = h.shape[0]
+    perm = (
+        torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n, device=h.device)
+    )
+    h = h[perm[:, None], perm]
+    upper, used = inverse_hessian_factor(h, damp, name)
+    return HessianFactor(perm, upper, used)
+
+
 @torch.no_grad()
 def gptq_quantize(
     w: Tensor,
@@ -85,20 +115,16 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     name: str = "",
+    factor: HessianFactor | None = None,
 ) -> tuple[Tensor, float]:
     """(quantized weight (out, in) float32, damping used). `quantize_columns(cols, idx)` fake-quantizes the
-    columns `idx` (original order) of the weight given as `cols` (out, len(idx)) with their fixed scales."""
-    w = w.detach().float().clone()
-    h = hessian.float().clone()
-    dead = torch.diagonal(h) == 0  # inputs that were always zero: any value is exact
-    h[dead, dead] = 1.0
+    columns `idx` (original order) of the weight given as `cols` (out, len(idx)) with their fixed scales.
+    `factor`: `factor_hessian(hessian, damp, act_order)` computed once for several calls on this Hessian."""
+    if factor is None:
+        factor = factor_hessian(hessian, damp, act_order, name)
+    perm, u = factor.perm, factor.upper
+    w = w.detach().float()[:, perm]
     n = w.shape[1]
-    perm = (
-        torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n, device=w.device)
-    )
-    w, h = w[:, perm], h[perm[:, None], perm]
-    u, used = inverse_hessian_factor(h, damp, name)
-    del h
     q = torch.zeros_like(w)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -109,10 +135,10 @@ def gptq_quantize(
             col = w1[:, i : i + 1]
             qc = quantize_columns(col, perm[i1 + i : i1 + i + 1])
             q[:, i1 + i] = qc[:, 0]
-            e = (col[:, 0] - qc[:, 0]) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i : i + 1, i:]
-            err[:, i] = e
+            e = torch.sub(col[:, 0], qc[:, 0], out=err[:, i]).div_(u1[i, i])
+            # only the columns after i are read again (column i's own update is never used)
+            w1[:, i + 1 :] -= e[:, None] * u1[i : i + 1, i + 1 :]
         w[:, i2:] -= err @ u[i1:i2, i2:]
     out = torch.empty_like(q)
     out[:, perm] = q
-    return out, used
+    return out, factor.damp

@@ -40,7 +40,7 @@ def search_weight_amax(
     best_loss = torch.full(amax.shape, float("inf"), device=w.device)
     best = amax.clone()
     for r in ratios:
-        d = fake_quant(w, fmt, amax=amax * r, global_amax=gamax) - w
+        d = fake_quant(w, fmt, amax=amax * r, global_amax=gamax).sub_(w)
         loss = _block_loss(d, fmt, weight, amax.shape)
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)

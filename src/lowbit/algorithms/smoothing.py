@@ -97,7 +97,7 @@ def awq_search(
     hs = [hessian] * len(ws) if isinstance(hessian, Tensor) else list(hessian)
     for _, s in candidates:
         si = expand(s, channel_map)
-        loss = sum(float(output_error(quantize(w * si) / si - w, h)) for w, h in zip(ws, hs, strict=True))
+        loss = sum(float(output_error((quantize(w * si) / si).sub_(w), h)) for w, h in zip(ws, hs, strict=True))
         losses.append(loss)
     best = min(range(len(losses)), key=losses.__getitem__)
     return candidates[best][1], candidates[best][0], losses

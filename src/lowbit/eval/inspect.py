@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lowbit.formats.packing import pack, packed_nbytes
-from lowbit.formats.scaled import global_scale_from_amax, quantize, scale_from_amax, sqnr_db
+from lowbit.formats.scaled import quantize, sqnr_db
+from lowbit.formats.scales import scales
 from lowbit.quant.convert import all_quantizers, quant_linears
 from lowbit.quant.linear import QuantLinear
 
@@ -27,10 +28,9 @@ class ModuleReport:
 
 @torch.no_grad()
 def weight_scales(linear: QuantLinear) -> torch.Tensor:
+    """The effective step (scale x global scale) of each block of the weight's first format."""
     q = linear.weight_quantizer.quantizers()[0]
-    g = global_scale_from_amax(q.global_amax) if q.global_amax is not None else None
-    assert q.amax is not None
-    return scale_from_amax(q.amax, q.fmt, g) * (1 if g is None else g)
+    return scales(q.fmt, q.stat_values()).effective
 
 
 @torch.no_grad()
@@ -62,17 +62,19 @@ def report(model: nn.Module) -> list[ModuleReport]:
 
 def kv_quantizers(model: nn.Module) -> list[tuple[str, str, float]]:
     """(name, format, amax) of each K/V cache quantizer."""
-    return [
-        (n, q.fmt.name, float(q.amax if q.amax is not None else q.global_amax or 0))
-        for n, q in all_quantizers(model)
-        if n.endswith(("k_quantizer", "v_quantizer"))
-    ]
+    out = []
+    for n, q in all_quantizers(model):
+        if n.endswith(("k_quantizer", "v_quantizer")):
+            amax = q.stat_values().tensor_amax(q.fmt)
+            out.append((n, q.fmt.name, float(amax) if amax is not None else 0.0))
+    return out
 
 
-def model_size_bytes(model: nn.Module) -> tuple[int, int]:
-    """(packed bytes, weights in quantized linears): quantized weights packed, every other tensor as stored."""
+def model_size_bytes(model: nn.Module) -> tuple[int, int, int]:
+    """(packed bytes of the model, weights in quantized linears, their packed bytes): quantized weights packed
+    (codes + scales), every other tensor as bf16, as an exported checkpoint stores them."""
     quantized = dict(quant_linears(model))
-    total, qnumel = 0, 0
+    total, qnumel, qbytes = 0, 0, 0
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -80,8 +82,8 @@ def model_size_bytes(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         owner = name.rpartition(".")[0]
         if name.endswith(".weight") and owner in quantized:
-            total += packed_weight_bytes(quantized[owner])
-            qnumel += p.numel()
+            packed = packed_weight_bytes(quantized[owner])
+            total, qbytes, qnumel = total + packed, qbytes + packed, qnumel + p.numel()
         else:
             total += p.numel() * 2  # bf16 in an exported checkpoint
-    return total, qnumel
+    return total, qnumel, qbytes

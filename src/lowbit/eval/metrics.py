@@ -16,6 +16,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class BaseBatch:
+    """The base model's side of the metrics on one batch, computed once (`base_batch`) and compared against by
+    any number of models: log P_base of positions 0..T-2, the summed log-likelihood of the true next tokens
+    under it, and its argmax."""
+
+    log_probs: Tensor  # (B, T-1, V) float32
+    log_likelihood: float
+    top1: Tensor  # (B, T-1)
+
+
+@torch.no_grad()
+def base_batch(base_logits: Tensor, input_ids: Tensor) -> BaseBatch:
+    """base_logits (B, T, V), input_ids (B, T) -> their BaseBatch."""
+    base_logp = F.log_softmax(base_logits[:, :-1].float(), dim=-1)
+    labels = input_ids[:, 1:].unsqueeze(-1)
+    return BaseBatch(base_logp, float(base_logp.gather(-1, labels).sum()), base_logp.argmax(-1))
+
+
 @dataclass
 class MetricSums:
     """Running sums; `result()` turns them into the reported metrics."""
@@ -28,19 +47,21 @@ class MetricSums:
     has_base: bool = False
 
     @torch.no_grad()
-    def add(self, logits: Tensor, input_ids: Tensor, base_logits: Tensor | None = None) -> None:
-        """logits, base_logits: (B, T, V); input_ids: (B, T)."""
+    def add(self, logits: Tensor, input_ids: Tensor, base: Tensor | BaseBatch | None = None) -> None:
+        """logits: (B, T, V); input_ids: (B, T); base: the base model's logits (B, T, V), or what `base_batch`
+        kept of them (the same sums, without computing the base side again)."""
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         labels = input_ids[:, 1:].unsqueeze(-1)
         self.nll -= float(logp.gather(-1, labels).sum())
         self.tokens += labels.numel()
-        if base_logits is None:
+        if base is None:
             return
         self.has_base = True
-        base_logp = F.log_softmax(base_logits[:, :-1].float(), dim=-1)
-        self.base_nll -= float(base_logp.gather(-1, labels).sum())
-        self.kl += float((base_logp.exp() * (base_logp - logp)).sum())
-        self.agree += int((base_logp.argmax(-1) == logp.argmax(-1)).sum())
+        ref = base if isinstance(base, BaseBatch) else base_batch(base, input_ids)
+        self.base_nll -= ref.log_likelihood
+        kl = ref.log_probs.exp()
+        self.kl += float(kl.mul_(ref.log_probs - logp).sum())  # p_base (log p_base - log p_quant)
+        self.agree += int((ref.top1 == logp.argmax(-1)).sum())
 
     def result(self) -> dict[str, float | int | None]:
         has_base = self.has_base
