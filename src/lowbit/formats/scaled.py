@@ -44,9 +44,11 @@ from lowbit.formats.elements import (
 )
 from lowbit.formats.scales import (  # noqa: F401 - the scale formulas, re-exported for their users
     NVFP4_GLOBAL_DIVISOR,
+    Stats,
     asym_scale_zero,
     global_scale_from_amax,
     scale_from_amax,
+    scales,
 )
 
 Granularity = Literal["tensor", "row", "group", "block"]
@@ -224,15 +226,15 @@ def quantize(
     xf = x.float()
     xb = to_blocks(xf, fmt)
     sshape = scale_shape(x.shape, fmt)
-    g = None
-    if fmt.global_scale:
-        g = global_scale_from_amax(xf.detach().abs().amax() if global_amax is None else global_amax)
-    zero = None
-    if not fmt.symmetric:
-        lo_hi = reduce_min_max(xf, fmt) if amax is None or amin is None else (amin, amax)
-        scale, zero = asym_scale_zero(*lo_hi, fmt)
-    else:
-        scale = scale_from_amax(reduce_amax(xf, fmt) if amax is None else amax.reshape(sshape), fmt, g)
+    if fmt.global_scale and global_amax is None:
+        global_amax = xf.detach().abs().amax()
+    if not fmt.symmetric and (amax is None or amin is None):
+        amin, amax = reduce_min_max(xf, fmt)
+    elif fmt.symmetric:
+        amax = reduce_amax(xf, fmt) if amax is None else amax.reshape(sshape)
+    s = scales(fmt, Stats(amax, global_amax, amin))  # the one scale formula (formats.scales)
+    scale, g, zero = s.scale, s.global_scale, s.zero_point
+    assert scale is not None
     eff = _effective(scale, g).reshape(*sshape, 1) if fmt.granularity != "tensor" else _effective(scale, g)
     u = xb / eff if zero is None else (xb / eff).add_(zero.reshape(eff.shape))
     # u is this call's own tensor: rounded in place unless autograd needs it
