@@ -104,6 +104,14 @@ def test_calib_seq_len_above_the_models_context_is_refused_before_windows_are_bu
     assert no_output(tmp_path / "o")
 
 
+def test_eval_seq_len_above_the_models_context_is_refused(capsys):
+    code = main(["eval", "--seq-len", "5000", "--max-samples", "1", "--device", "cpu", "-q"])
+    assert error_line(code, capsys.readouterr().err) == (
+        "lowbit: error: --seq-len 5000 exceeds the model's maximum context (max_position_embeddings 1024); "
+        "use --seq-len 1024 or less"
+    )
+
+
 def test_library_callers_get_the_same_context_check(tmp_path):
     calib = torch.zeros(1, 1025, dtype=torch.long)
     with pytest.raises(LowbitError, match=r"exceeds the model's maximum context \(max_position_embeddings"):

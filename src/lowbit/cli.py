@@ -358,12 +358,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.data.text import DEFAULT_EVAL, eval_windows
     from lowbit.eval.runner import evaluate
     from lowbit.loader import load_model
-    from lowbit.models.loading import env_device, resolve_model
+    from lowbit.models.loading import check_context, env_device, load_config, resolve_model
 
     device = env_device(args.device)
     if not args.model and not args.checkpoint:
         args.model = str(DEFAULT_MODEL)
     target = resolve_model(args.checkpoint or args.model)
+    check_context(load_config(target), args.seq_len, "--seq-len")  # before any model is loaded
     model, _ = load_model(target, device)
     base = load_model(resolve_model(args.model), device)[0] if args.checkpoint and args.model else None
     windows = eval_windows(args.data or DEFAULT_EVAL, _tokenizer(target), args.seq_len, args.max_samples)

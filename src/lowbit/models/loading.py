@@ -78,15 +78,15 @@ def max_context(config: PretrainedConfig) -> tuple[str, int] | None:
     return None
 
 
-def check_context(config: PretrainedConfig, seq_len: int) -> None:
-    """Refuse calibration windows longer than the model's maximum context (they only cost time: building and
-    running them grows with the length, and the model was never trained on such positions)."""
+def check_context(config: PretrainedConfig, seq_len: int, flag: str = "--calib-seq-len") -> None:
+    """Refuse windows (calibration, or evaluation with `flag` --seq-len) longer than the model's maximum
+    context: they only cost time (building and running them grows with the length), and the model was never
+    trained on such positions."""
     limit = max_context(config)
     if limit is not None and seq_len > limit[1]:
         key, n = limit
         raise LowbitError(
-            f"--calib-seq-len {seq_len} exceeds the model's maximum context ({key} {n}); "
-            f"use --calib-seq-len {n} or less"
+            f"{flag} {seq_len} exceeds the model's maximum context ({key} {n}); use {flag} {n} or less"
         )
 
 
