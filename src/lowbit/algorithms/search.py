@@ -12,13 +12,8 @@ from torch import Tensor
 
 from lowbit.algorithms.stats import row_output_errors
 from lowbit.formats.elements import round_to_grid
-from lowbit.formats.scaled import (
-    ScaledFormat,
-    fake_quant,
-    global_scale_from_amax,
-    reduce_amax,
-    scale_from_amax,
-)
+from lowbit.formats.scaled import ScaledFormat, fake_quant, reduce_amax
+from lowbit.formats.scales import Stats, scales
 
 
 def clip_ratios(n: int, clip_min: float) -> list[float]:
@@ -119,8 +114,7 @@ def refit_group_amax(
     out, n = w.shape
     gs = fmt.group_size
     groups = n // gs
-    g = global_scale_from_amax(global_amax) if fmt.global_scale and global_amax is not None else None
-    eff = scale_from_amax(amax, fmt, g) * (g if g is not None else 1.0)  # (out, groups)
+    eff = scales(fmt, Stats(amax, global_amax)).effective  # (out, groups): scale x global scale
     codes = wq.view(out, groups, gs) / eff[..., None]
     hb = h.view(groups, gs, n)
     fitted = torch.empty_like(eff)
@@ -139,7 +133,7 @@ def refit_group_amax(
         ok = torch.isfinite(s) & (s > 0) & ~empty & (info == 0)[:, None]
         fitted[r0 : r0 + step] = torch.where(ok, s, eff[r0 : r0 + step])
     new_amax = fitted * fmt.element.max  # the amax whose scale is `fitted` (both levels for NVFP4)
-    new_eff = scale_from_amax(new_amax, fmt, g) * (g if g is not None else 1.0)  # on the scale grid
+    new_eff = scales(fmt, Stats(new_amax, global_amax)).effective  # on the scale grid
     new_wq = (codes * new_eff[..., None]).view(out, n)
     new_wq = fake_quant(new_wq, fmt, amax=new_amax, global_amax=global_amax)  # exactly as the quantizer has it
     old_err = row_output_errors(wq - w, h)
