@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -101,4 +99,3 @@ def test_exported_input_scales_come_from_the_quantizers_formula():
         want = quantize(torch.ones(1, 16), fmt, global_amax=lin.input_stats.global_amax).global_scale
         assert torch.equal(row.encode(lin)["input_scale"][0], want)
         assert torch.equal(scales(fmt, lin.input_stats).tensor_scale, want)
-    assert dataclasses.is_dataclass(row)

@@ -44,17 +44,13 @@ KV_ALGOS = {"fp8_tensor": "FP8", "nvfp4_dynamic": "NVFP4"}
 
 def codec(scheme: Scheme, algorithm: str) -> Codec:
     """The row of the unified format for `scheme` (NVFP4_AWQ where AWQ smoothed the weights)."""
-    row = codec_for("hf", scheme, awq=_awq_smoothed(algorithm))
+    row = codec_for("hf", scheme, awq=Algorithm.parse(algorithm).awq)
     if row is None:
         raise LowbitError(
             f"the unified HF format has no quant_algo for {scheme.describe()}; "
             "export it with --format compressed-tensors, or quantize with a preset the format lists"
         )
     return row
-
-
-def _awq_smoothed(algorithm: str) -> bool:
-    return Algorithm.parse(algorithm).awq
 
 
 def kv_scales(kv: KVScales) -> Declared:

@@ -76,7 +76,8 @@ def decode_ct(t: dict[str, Tensor], group: dict[str, Any]) -> Decoded:
     row = codec_named("compressed-tensors", str(group.get("format")), spec)
     if row is None:
         raise LowbitError(
-            f"cannot read compressed-tensors group {group.get('format')!r} with {spec.describe()} back"
+            f"cannot read compressed-tensors group {group.get('format')!r} with {spec.describe()} back; "
+            "lowbit reads the schemes it exports (re-export with lowbit export --format compressed-tensors)"
         )
     return decode(row, t, spec.weight[0].group_size)
 
